@@ -1,0 +1,705 @@
+"""Closed-form inversion of a fully-connected first layer.
+
+For a first layer ``z = W x + b`` and any loss, the gradient of one input is
+``dL/dW[i] = (dL/dz_i) x`` and ``dL/db_i = dL/dz_i``, so the input is the
+ratio of the two for any unit with a non-zero bias gradient (Qian & Hansen,
+"What can we learn from gradients?", arXiv 2010.15718, result 1). For a batch
+of B inputs, ``dL/dW = Delta X`` and ``dL/db = Delta 1`` with one error column
+per input: the rank of ``dL/dW`` is B when the layer has enough units (result
+2), and individual inputs are found as follows.
+
+1. Candidates. (a) The ratio vector of every unit: a unit that only one input
+   activates gives that input exactly. (b) Vertices of the polytope
+   ``{v : [v, 1] in rowspace([dL/dW | dL/db]), low <= v <= high}``: every
+   ratio vector, hence every input, lies in this affine slice of the row
+   space, and an input that lights a pixel no other input lights is one of
+   its vertices with the right scale. Vertices are reached by linear programs
+   that maximise one pixel; the pixels are chosen by the successive
+   projection algorithm on the columns of the gradient (its "anchor" columns
+   are the pixels lit by a single input).
+2. Certificates, none of which uses ground truth. *model*: with the weights
+   the gradient was taken at, the model's own first-layer error signal
+   ``d(x, y)`` for some label ``y`` lies in the column space of ``dL/dW``;
+   then ``dL/dW - a d x^T`` has rank one less (it is "peeled") and the search
+   repeats on the rest. *units*: two or more units whose ratio vectors agree
+   to within rounding are, almost surely, units of a single input.
+3. FedAvg updates (several local steps): the first-layer delta still mixes
+   exactly the N distinct inputs touched; candidates apply, peeling does not
+   (the weights moved), so only the *units* certificate is available.
+
+Notes
+-----
+The model certificate assumes a per-sample loss (cross-entropy by default)
+and no coupling between samples (BatchNorm in training mode couples them);
+the model is evaluated in eval mode. Weight decay adds ``lr * lambda * W`` to
+an update, outside the span of the inputs: ratios are then no longer exact,
+and a units certificate is not issued when the update is inconsistent.
+Vertex candidates need the input range (``AttackTarget.input_range``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from fl_audit._logging import logger
+from fl_audit.attacks.base import Applicability, Attack
+from fl_audit.attacks.registry import register_attack
+from fl_audit.core import AttackResult, AttackTarget
+from fl_audit.errors import InvalidInputError, UnsupportedModelError
+from fl_audit.layers import FirstLayer, find_first_layer
+
+
+@dataclass
+class _Found:
+    """One recovered input and its evidence."""
+
+    x: np.ndarray  # (d,)
+    label: int = -1
+    certificate: str = ""
+    weight: float | None = None  # the peeled scale a in dL/dW -= a d x^T
+
+
+@dataclass
+class _Tolerances:
+    """Numerical thresholds, set from the precision of the observed gradient."""
+
+    rank: float
+    subspace: float
+    units: float
+    box: float
+
+    @classmethod
+    def for_precision(cls, eps: float, span: float) -> _Tolerances:
+        # Residuals of true inputs sit near eps (measured: 0.3 eps in float32,
+        # 1-2 eps in float64); wrong candidates sit orders of magnitude above.
+        return cls(
+            rank=max(1e-10, 1e3 * eps),
+            subspace=10 * eps if eps > 1e-10 else 1e-9,
+            units=max(1e-10, 1e2 * eps),
+            box=max(1e-12, 10 * eps) * span,
+        )
+
+
+@dataclass
+class _Gradient:
+    """The first-layer gradient being peeled, with its SVD kept current."""
+
+    G: np.ndarray  # (h, d)
+    g: np.ndarray  # (h,)
+    rank_tol: float
+    rank: int = 0
+    U: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    S: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    Vt: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    scale: float = 1.0
+
+    def refresh(self) -> None:
+        # Rank and bases of the stacked matrix [G | g]: its rows are
+        # combinations of [x_k, 1], one per input.
+        M = np.hstack([self.G, self.g[:, None]])  # (h, d + 1)
+        U, S, Vt = np.linalg.svd(M, full_matrices=False)
+        if self.scale == 1.0 and S.size:
+            self.scale = float(S[0])
+        self.rank = int((S > self.rank_tol * self.scale).sum())
+        self.U, self.S, self.Vt = U[:, : self.rank], S[: self.rank], Vt[: self.rank]
+
+
+@register_attack("analytic_fc")
+class AnalyticFCInversion(Attack):
+    """Recover the inputs of a batch from the gradient of an FC first layer.
+
+    Parameters
+    ----------
+    use_model:
+        Certify candidates with the model and peel them off (needs the
+        weights the gradient was taken at; ignored for multi-step updates).
+    vertex_candidates:
+        Search the vertices of the affine slice of the row space (needs
+        ``input_range``). Off, only unit ratios are tried.
+    max_peel_rounds:
+        Upper bound on certify-and-subtract rounds.
+    max_candidates:
+        Upper bound on candidates tried per round (unit ratios first).
+    time_budget_s:
+        Stop peeling when exceeded and report what was found so far.
+
+    Notes
+    -----
+    See the module docstring for the method and its limits.
+    """
+
+    def __init__(
+        self,
+        *,
+        use_model: bool = True,
+        vertex_candidates: bool = True,
+        max_peel_rounds: int = 64,
+        max_candidates: int = 4096,
+        time_budget_s: float | None = None,
+    ) -> None:
+        problems = []
+        if not isinstance(max_peel_rounds, int) or max_peel_rounds < 1:
+            problems.append(
+                f"max_peel_rounds must be an int >= 1, got {max_peel_rounds!r}"
+            )
+        if not isinstance(max_candidates, int) or max_candidates < 1:
+            problems.append(
+                f"max_candidates must be an int >= 1, got {max_candidates!r}"
+            )
+        if time_budget_s is not None and not (
+            isinstance(time_budget_s, int | float) and time_budget_s > 0
+        ):
+            problems.append(
+                f"time_budget_s must be a positive number or None, "
+                f"got {time_budget_s!r}"
+            )
+        if problems:
+            raise InvalidInputError("AnalyticFCInversion options", problems)
+        self.use_model = use_model
+        self.vertex_candidates = vertex_candidates
+        self.max_peel_rounds = max_peel_rounds
+        self.max_candidates = max_candidates
+        self.time_budget_s = time_budget_s
+
+    def __repr__(self) -> str:
+        return (
+            f"AnalyticFCInversion(use_model={self.use_model}, "
+            f"vertex_candidates={self.vertex_candidates})"
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def applicability(self, target: AttackTarget) -> Applicability:
+        layer = find_first_layer(target.model, target.input_shape)
+        if layer.kind != "linear":
+            reason = layer.reason or (
+                f"the first layer {layer.path} is a {layer.kind}, not nn.Linear"
+            )
+            return Applicability(False, reason)
+        if not layer.has_bias:
+            return Applicability(
+                False,
+                f"the first layer {layer.path} has no bias: "
+                "the input is recoverable only up to scale",
+            )
+        return Applicability(True, f"fully-connected first layer {layer.path}")
+
+    def _first_layer(self, target: AttackTarget) -> FirstLayer:
+        verdict = self.applicability(target)
+        if not verdict:
+            raise UnsupportedModelError(f"analytic_fc does not apply: {verdict.reason}")
+        return find_first_layer(target.model, target.input_shape)
+
+    # --------------------------------------------------------------------- run
+
+    def run(self, target: AttackTarget) -> AttackResult:
+        """Invert the first-layer gradient of ``target``.
+
+        Raises
+        ------
+        UnsupportedModelError
+            If the first layer is not an ``nn.Linear`` with bias.
+        """
+        start = time.perf_counter()
+        layer = self._first_layer(target)
+        assert layer.weight_name is not None and layer.bias_name is not None
+        raw_w = target.gradients[layer.weight_name]
+        eps = float(torch.finfo(raw_w.dtype).eps)
+        if target.source == "update":
+            eps = max(eps, float(torch.finfo(torch.float32).eps))
+        lo, hi = target.input_range or (None, None)
+        tol = _Tolerances.for_precision(eps, (hi - lo) if lo is not None else 1.0)
+        grad = _Gradient(
+            G=raw_w.detach().double().cpu().numpy(),
+            g=target.gradients[layer.bias_name].detach().double().cpu().numpy(),
+            rank_tol=tol.rank,
+        )
+        grad.refresh()
+        estimate = grad.rank
+        notes: list[str] = []
+        logger.debug(
+            "analytic_fc: first layer %s, h=%d d=%d, rank %d",
+            layer.path,
+            grad.G.shape[0],
+            grad.G.shape[1],
+            estimate,
+        )
+
+        if estimate == 0:
+            notes.append(
+                "the first-layer gradient is zero (dead units or a saturated "
+                "loss): nothing leaks through this layer"
+            )
+            return self._result(target, [], estimate, None, start, notes)
+
+        certifier = self._certifier(target, layer, notes)
+        found = self._peel(target, grad, certifier, tol, start, notes)
+        residual = float(np.linalg.norm(grad.S) / grad.scale) if grad.rank else 0.0
+        if (
+            estimate == 1
+            and target.batch_size == 1
+            and found
+            and not found[0].certificate
+        ):
+            # Theorem 1: one input makes every unit's ratio the input itself.
+            found[0].certificate = "batch_size_1"
+            notes.append("certified by the declared batch size 1 and a rank-1 gradient")
+        certified = sum(bool(f.certificate) for f in found)
+        if certified < estimate:
+            notes.append(f"{certified} of {estimate} input(s) certified")
+        if estimate > grad.G.shape[0] - 1:
+            notes.append(
+                f"rank {estimate} reaches the layer width h={grad.G.shape[0]}: "
+                "the batch may be larger than the rank shows (h >= B fails)"
+            )
+        return self._result(target, found, estimate, residual, start, notes)
+
+    def _result(
+        self,
+        target: AttackTarget,
+        found: list[_Found],
+        estimate: int,
+        residual: float | None,
+        start: float,
+        notes: list[str],
+    ) -> AttackResult:
+        found = sorted(found, key=lambda f: not f.certificate)
+        shape = (len(found), *target.input_shape)
+        inputs = (
+            torch.from_numpy(np.stack([f.x for f in found])).reshape(shape)
+            if found
+            else torch.zeros(shape, dtype=torch.float64)
+        )
+        labels = (
+            torch.tensor([f.label for f in found], dtype=torch.long)
+            if any(f.label >= 0 for f in found)
+            else None
+        )
+        return AttackResult(
+            attack=self.name,
+            inputs=inputs,
+            certified=torch.tensor(
+                [bool(f.certificate) for f in found], dtype=torch.bool
+            ),
+            labels=labels,
+            batch_size_estimate=estimate,
+            residual=residual,
+            elapsed_s=time.perf_counter() - start,
+            notes=notes,
+            certificates=[f.certificate for f in found],
+        )
+
+    # ----------------------------------------------------------------- peeling
+
+    def _certifier(
+        self, target: AttackTarget, layer: FirstLayer, notes: list[str]
+    ) -> _ModelCertifier | None:
+        if not self.use_model:
+            return None
+        if target.source == "update":
+            notes.append(
+                "multi-step update: the weights moved during local training, so "
+                "candidates are not checked against the model (no peeling)"
+            )
+            return None
+        try:
+            return _ModelCertifier(target, layer)
+        except UnsupportedModelError as exc:
+            notes.append(f"model certificate unavailable: {exc}")
+            return None
+
+    def _peel(
+        self,
+        target: AttackTarget,
+        grad: _Gradient,
+        certifier: _ModelCertifier | None,
+        tol: _Tolerances,
+        start: float,
+        notes: list[str],
+    ) -> list[_Found]:
+        found: list[_Found] = []
+        uncertified: list[np.ndarray] = []
+        for round_ in range(self.max_peel_rounds):
+            if grad.rank == 0:
+                break
+            if self.time_budget_s is not None and (
+                time.perf_counter() - start > self.time_budget_s
+            ):
+                notes.append(
+                    f"time budget {self.time_budget_s} s reached after "
+                    f"{round_} peeling round(s)"
+                )
+                break
+            candidates, plausible = self._candidates(
+                target, grad, tol, notes if round_ == 0 else None
+            )
+            if certifier is None:
+                found.extend(_units_certified(grad, tol))
+                uncertified = plausible
+                break
+            accepted = certifier.certify(grad, candidates, tol)
+            if not accepted:
+                # The model test can be vacuous (too few live units); coinciding
+                # unit ratios still prove single inputs.
+                found.extend(_units_certified(grad, tol))
+                uncertified = plausible
+                break
+            for item in accepted:
+                grad.G -= item.weight * np.outer(item.d, item.x)
+                grad.g -= item.weight * item.d
+                found.append(_Found(item.x, item.label, "model", item.weight))
+            grad.refresh()
+        else:
+            notes.append(f"stopped after max_peel_rounds={self.max_peel_rounds}")
+
+        rest = _distinct(uncertified, found, tol)
+        labels = (
+            certifier.best_labels(grad, rest)
+            if certifier and rest
+            else [-1] * len(rest)
+        )
+        found.extend(_Found(x, label) for x, label in zip(rest, labels, strict=True))
+        return found
+
+    # -------------------------------------------------------------- candidates
+
+    def _candidates(
+        self,
+        target: AttackTarget,
+        grad: _Gradient,
+        tol: _Tolerances,
+        notes: list[str] | None,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """All candidates to certify, and those worth reporting uncertified.
+
+        Unit ratios of multi-input units are mixtures, so only vertices (and
+        the single-input ratio) are reported when they cannot be certified.
+        """
+        if grad.rank == 1:
+            # One input left: the least-squares ratio over all units.
+            single = [_single_input(grad)]
+            return single, single
+
+        vertices: list[np.ndarray] = []
+        if self.vertex_candidates and target.input_range is not None:
+            vertices = _distinct(_vertices(grad, target.input_range, tol), [], tol)
+        elif notes is not None and self.vertex_candidates:
+            notes.append(
+                "no input_range given: vertex candidates skipped, only unit "
+                "ratios tried"
+            )
+        cands = _distinct(vertices + _unit_ratios(grad), [], tol)
+        return cands[: self.max_candidates], vertices
+
+
+# ------------------------------------------------------------------ candidates
+
+
+def _single_input(grad: _Gradient) -> np.ndarray:
+    """Least-squares x with G ~ g x^T (exact for one input)."""
+    return grad.g @ grad.G / float(grad.g @ grad.g)
+
+
+def _unit_ratios(grad: _Gradient) -> list[np.ndarray]:
+    """Ratio vectors G[i] / g[i] of units with a clearly non-zero bias gradient."""
+    mags = np.abs(grad.g)
+    keep = np.flatnonzero(mags > 1e-6 * mags.max()) if mags.size else np.array([], int)
+    return [grad.G[i] / grad.g[i] for i in keep]
+
+
+def _units_certified(grad: _Gradient, tol: _Tolerances) -> list[_Found]:
+    """Inputs shown by two or more units whose ratio vectors coincide.
+
+    A ratio vector mixes the inputs that activate the unit, weighted by their
+    error signals; two units agreeing to rounding on such a mixture would need
+    equal weight ratios, which almost surely happens only when each unit sees
+    a single input.
+    """
+    ratios = _unit_ratios(grad)
+    if len(ratios) < 2:
+        return []
+    R = np.stack(ratios)  # (u, d)
+    norms = np.linalg.norm(R, axis=1)
+    ok = norms > 0
+    R, norms = R[ok], norms[ok]
+    unit = R / norms[:, None]
+    cos = unit @ unit.T  # (u, u)
+    close = (cos > 1 - tol.units**2 * 0.5 - 1e-15) & (
+        np.abs(norms[:, None] - norms[None, :]) <= tol.units * norms[:, None]
+    )
+    np.fill_diagonal(close, False)
+    found: list[_Found] = []
+    taken = np.zeros(len(R), dtype=bool)
+    for i in np.argsort(-close.sum(axis=1)):
+        if taken[i] or not close[i].any():
+            continue
+        group = np.flatnonzero(close[i] & ~taken)
+        taken[group] = taken[i] = True
+        found.append(_Found(R[np.append(group, i)].mean(axis=0), certificate="units"))
+    return found
+
+
+def _vertices(
+    grad: _Gradient, input_range: tuple[float, float], tol: _Tolerances
+) -> list[np.ndarray]:
+    """Vertices of {v : [v, 1] in the row space, low <= v <= high}.
+
+    One linear program per anchor pixel (the successive projection algorithm
+    on the shifted columns ``G - low * g 1^T`` picks pixels lit by one input),
+    maximising that pixel.
+    """
+    lo, hi = input_range
+    basis = grad.Vt.T  # (d + 1, r)
+    V, last = basis[:-1], basis[-1]
+    d = V.shape[0]
+
+    shifted = grad.G - lo * grad.g[:, None]  # columns: Delta (X - low)[:, p]
+    anchors = _anchor_pixels(grad.U.T @ shifted, grad.rank)
+    out: list[np.ndarray] = []
+    A_ub = np.vstack([V, -V])
+    b_ub = np.concatenate([np.full(d, hi + tol.box), np.full(d, -lo + tol.box)])
+    for p in anchors:
+        res = linprog(
+            -V[p],
+            A_ub=A_ub,
+            b_ub=b_ub,
+            A_eq=last[None, :],
+            b_eq=[1.0],
+            bounds=(None, None),
+            method="highs-ds",
+        )
+        if res.status == 0:
+            out.append(_snap_to_face(V, last, res.x, lo, hi, tol))
+    return out
+
+
+def _snap_to_face(
+    V: np.ndarray,
+    last: np.ndarray,
+    c: np.ndarray,
+    lo: float,
+    hi: float,
+    tol: _Tolerances,
+) -> np.ndarray:
+    """Remove the box slack from an LP vertex.
+
+    The LP runs on a box widened by ``tol.box`` so rounding cannot make it
+    infeasible; the vertex found is then moved onto its active faces exactly
+    (least squares on the active bounds and the affine constraint).
+    """
+    v = V @ c
+    at_lo, at_hi = np.abs(v - lo) <= 2 * tol.box, np.abs(v - hi) <= 2 * tol.box
+    A = np.vstack([V[at_lo], V[at_hi], last[None, :]])
+    b = np.concatenate([np.full(at_lo.sum(), lo), np.full(at_hi.sum(), hi), [1.0]])
+    if np.linalg.matrix_rank(A) < V.shape[1]:
+        return v
+    snapped, *_ = np.linalg.lstsq(A, b, rcond=None)
+    return V @ snapped
+
+
+def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
+    """Successive projection on the columns of ``Y`` (r, d): up to k anchors.
+
+    Columns are first scaled onto a common affine slice of their cone (a
+    direction ``q`` with ``q . y_p > 0`` for every column, found by one small
+    linear program); then the column of largest norm is taken and all columns
+    are projected away from it, k times.
+    """
+    norms = np.linalg.norm(Y, axis=0)
+    live = np.flatnonzero(norms > 1e-9 * (norms.max() if norms.size else 0.0))
+    if live.size == 0:
+        return []
+    unit = Y[:, live] / norms[live]  # (r, n)
+    r = Y.shape[0]
+    # max t s.t. q . unit_p >= t, -1 <= q <= 1
+    res = linprog(
+        np.r_[np.zeros(r), -1.0],
+        A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
+        b_ub=np.zeros(live.size),
+        bounds=[(-1, 1)] * r + [(None, None)],
+        method="highs",
+    )
+    if res.status != 0 or res.x[-1] <= 1e-12:
+        return []  # the columns do not lie in a pointed cone: no anchors
+    q = res.x[:r]
+    Z = Y[:, live] / (q @ Y[:, live])  # (r, n) on the slice q . z = 1
+
+    anchors: list[int] = []
+    R = Z.copy()
+    for _ in range(min(k, live.size)):
+        j = int(np.argmax((R * R).sum(axis=0)))
+        if (R[:, j] @ R[:, j]) <= 1e-20:
+            break
+        anchors.append(int(live[j]))
+        u = R[:, j] / np.linalg.norm(R[:, j])
+        R -= np.outer(u, u @ R)
+    return anchors
+
+
+def _distinct(
+    cands: list[np.ndarray], known: list[_Found], tol: _Tolerances
+) -> list[np.ndarray]:
+    """Drop candidates that repeat each other or an input already found."""
+    kept: list[np.ndarray] = []
+    refs = [f.x for f in known]
+    for c in cands:
+        if not np.all(np.isfinite(c)):
+            continue
+        scale = max(float(np.linalg.norm(c)), 1e-300)
+        if any(np.linalg.norm(c - r) <= 1e-6 * scale for r in refs + kept):
+            continue
+        kept.append(c)
+    return kept
+
+
+# ------------------------------------------------------------ model certifier
+
+
+@dataclass
+class _Accepted:
+    x: np.ndarray
+    d: np.ndarray
+    label: int
+    weight: float
+
+
+class _ModelCertifier:
+    """Checks candidates against the model's own first-layer error signal.
+
+    For a true input ``x`` with label ``y``, the column of ``Delta`` that
+    belongs to it is ``a * d(x, y)``, where ``d`` is the gradient of the
+    per-sample cross-entropy with respect to the first layer's output and
+    ``a`` the batch weight (1/B for a mean loss). So ``d(x, y)`` lies in the
+    column space of ``dL/dW`` and, with ``x`` in its row space, removing
+    ``a d x^T`` drops the rank by one.
+    """
+
+    def __init__(self, target: AttackTarget, layer: FirstLayer) -> None:
+        self.model = copy.deepcopy(target.model).double().eval()
+        self.layer = dict(self.model.named_modules())[layer.path]
+        self.input_shape = target.input_shape
+        self.h = int(target.gradients[layer.weight_name or ""].shape[0])
+        self.num_classes = target.num_classes or self._infer_classes()
+        self.loss = nn.CrossEntropyLoss(reduction="sum")
+        self.min_spare = 1
+
+    def _infer_classes(self) -> int:
+        with torch.no_grad():
+            out = self.model(torch.zeros((1, *self.input_shape), dtype=torch.float64))
+        if out.dim() != 2 or out.shape[1] < 2:
+            raise UnsupportedModelError(
+                f"the model's output has shape {tuple(out.shape)}; the model certificate "
+                "needs class logits (B, C) with C >= 2"
+            )
+        return int(out.shape[1])
+
+    def error_signals(self, X: np.ndarray) -> np.ndarray:
+        """``d(x, y)`` for every candidate row of X and every label: (n, C, h)."""
+        n, C = X.shape[0], self.num_classes
+        inputs = torch.from_numpy(np.repeat(X, C, axis=0)).reshape(
+            n * C, *self.input_shape
+        )
+        labels = torch.arange(C).repeat(n)
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_output(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            out.retain_grad()
+            captured["z"] = out
+
+        handle = self.layer.register_forward_hook(keep_output)
+        try:
+            logits = self.model(inputs)
+            self.loss(logits, labels).backward()
+        finally:
+            handle.remove()
+            self.model.zero_grad(set_to_none=True)
+        z = captured["z"]
+        assert z.grad is not None
+        return z.grad.detach().numpy().reshape(n, C, -1)
+
+    def _residuals(
+        self, grad: _Gradient, X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Error signals (n, C, h) and their relative distance to col(G) (n, C)."""
+        D = self.error_signals(X)  # (n, C, h)
+        U = grad.U  # (h, r)
+        dn = np.linalg.norm(D, axis=2)
+        inside = np.einsum("hr,ncr->nch", U, np.einsum("hr,nch->ncr", U, D))
+        resid = np.linalg.norm(D - inside, axis=2) / np.maximum(dn, 1e-300)  # (n, C)
+        resid[dn <= 0] = np.inf
+        return D, resid
+
+    def best_labels(self, grad: _Gradient, candidates: list[np.ndarray]) -> list[int]:
+        """Most consistent label of each (uncertified) candidate: a guess."""
+        if grad.rank == 0:
+            return [-1] * len(candidates)
+        _, resid = self._residuals(grad, np.stack(candidates))
+        return [int(i) for i in np.argmin(resid, axis=1)]
+
+    def certify(
+        self, grad: _Gradient, candidates: list[np.ndarray], tol: _Tolerances
+    ) -> list[_Accepted]:
+        """Candidates whose error signal lies in the column space of G."""
+        if not candidates or grad.rank >= self.h:
+            return []  # col(G) is the whole space: the test would prove nothing
+        X = np.stack(candidates)  # (n, d)
+        D, resid = self._residuals(grad, X)
+        U = grad.U
+
+        # A test is informative only where the candidate's active units leave
+        # room outside col(G): with S the support of d, col(G) restricted to S
+        # must have a smaller dimension than |S| (dead units shrink both).
+        spare = self._spare_dimensions(U, D)  # (n, C)
+        resid[spare < self.min_spare] = np.inf
+
+        accepted: list[_Accepted] = []
+        for i in np.argsort(resid.min(axis=1)):
+            y = int(np.argmin(resid[i]))
+            if resid[i, y] > tol.subspace:
+                break
+            x, d = X[i], D[i, y]
+            weight = self._weight(grad, x, d)
+            if weight is None or any(
+                np.linalg.norm(x - a.x) <= 1e-6 * np.linalg.norm(x) for a in accepted
+            ):
+                continue
+            accepted.append(_Accepted(x, d, y, weight))
+        return accepted
+
+    @staticmethod
+    def _spare_dimensions(U: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """|S| - dim(col(U) within R^S) for the support S of each signal."""
+        n, C, _ = D.shape
+        spare = np.zeros((n, C), dtype=int)
+        cache: dict[bytes, int] = {}
+        for i in range(n):
+            for c in range(C):
+                support = np.abs(D[i, c]) > 0
+                key = np.packbits(support).tobytes()
+                if key not in cache:
+                    outside = U[~support]
+                    inside = U.shape[1] - (
+                        np.linalg.matrix_rank(outside) if outside.size else 0
+                    )
+                    cache[key] = int(support.sum()) - inside
+                spare[i, c] = cache[key]
+        return spare
+
+    @staticmethod
+    def _weight(grad: _Gradient, x: np.ndarray, d: np.ndarray) -> float | None:
+        """Scale a with rank(G - a d x^T) = rank(G) - 1, from the pseudo-inverse."""
+        xe = np.append(x, 1.0)  # the stacked row [x, 1]
+        coeff_x = grad.Vt @ xe  # (r,)
+        if np.linalg.norm(xe - grad.Vt.T @ coeff_x) > 1e-6 * np.linalg.norm(xe):
+            return None  # x is not in the row space: not an input of this batch
+        inner = float(coeff_x @ ((grad.U.T @ d) / grad.S))
+        if inner <= 0:
+            return None
+        return 1.0 / inner
