@@ -179,8 +179,10 @@ class AnalyticFCInversion(Attack):
     def applicability(self, target: AttackTarget) -> Applicability:
         layer = find_first_layer(target.model, target.input_shape)
         if layer.kind != "linear":
+            kind = type(layer.module).__name__ if layer.module is not None else "?"
             reason = layer.reason or (
-                f"the first layer {layer.path} is a {layer.kind}, not nn.Linear"
+                f"the first layer {layer.path} is {kind}, not nn.Linear with bias; "
+                "the FC closed form does not apply to it"
             )
             return Applicability(False, reason)
         if not layer.has_bias:
@@ -351,11 +353,15 @@ class AnalyticFCInversion(Attack):
                 found.extend(_units_certified(grad, tol))
                 uncertified = plausible
                 break
-            for item in accepted:
-                grad.G -= item.weight * np.outer(item.d, item.x)
-                grad.g -= item.weight * item.d
-                found.append(_Found(item.x, item.label, "model", item.weight))
-            grad.refresh()
+            # Peel all accepted inputs at once; true inputs drop the rank by one
+            # each. If they do not, keep only the best-supported one.
+            before = (grad.G.copy(), grad.g.copy(), grad.rank)
+            _subtract(grad, accepted)
+            if grad.rank != before[2] - len(accepted) and len(accepted) > 1:
+                grad.G, grad.g = before[0], before[1]
+                accepted = accepted[:1]
+                _subtract(grad, accepted)
+            found.extend(_Found(a.x, a.label, "model", a.weight) for a in accepted)
         else:
             notes.append(f"stopped after max_peel_rounds={self.max_peel_rounds}")
 
@@ -397,6 +403,14 @@ class AnalyticFCInversion(Attack):
             )
         cands = _distinct(vertices + _unit_ratios(grad), [], tol)
         return cands[: self.max_candidates], vertices
+
+
+def _subtract(grad: _Gradient, accepted: list[_Accepted]) -> None:
+    """Remove the accepted inputs' terms a d x^T and a d from the gradient."""
+    for item in accepted:
+        grad.G -= item.weight * np.outer(item.d, item.x)
+        grad.g -= item.weight * item.d
+    grad.refresh()
 
 
 # ------------------------------------------------------------------ candidates
@@ -588,7 +602,6 @@ class _ModelCertifier:
         self.h = int(target.gradients[layer.weight_name or ""].shape[0])
         self.num_classes = target.num_classes or self._infer_classes()
         self.loss = nn.CrossEntropyLoss(reduction="sum")
-        self.min_spare = 1
 
     def _infer_classes(self) -> int:
         with torch.no_grad():
@@ -653,17 +666,18 @@ class _ModelCertifier:
         D, resid = self._residuals(grad, X)
         U = grad.U
 
-        # A test is informative only where the candidate's active units leave
-        # room outside col(G): with S the support of d, col(G) restricted to S
-        # must have a smaller dimension than |S| (dead units shrink both).
-        spare = self._spare_dimensions(U, D)  # (n, C)
-        resid[spare < self.min_spare] = np.inf
-
         accepted: list[_Accepted] = []
         for i in np.argsort(resid.min(axis=1)):
-            y = int(np.argmin(resid[i]))
+            order = np.argsort(resid[i])
+            y = int(order[0])
             if resid[i, y] > tol.subspace:
                 break
+            # Exactly one label may pass, by a wide margin: a second passing
+            # label means the test cannot tell labels, nor inputs, apart.
+            if resid[i, order[1]] <= 1e3 * tol.subspace:
+                continue
+            if not self._informative(U, D[i]):
+                continue
             x, d = X[i], D[i, y]
             weight = self._weight(grad, x, d)
             if weight is None or any(
@@ -674,23 +688,18 @@ class _ModelCertifier:
         return accepted
 
     @staticmethod
-    def _spare_dimensions(U: np.ndarray, D: np.ndarray) -> np.ndarray:
-        """|S| - dim(col(U) within R^S) for the support S of each signal."""
-        n, C, _ = D.shape
-        spare = np.zeros((n, C), dtype=int)
-        cache: dict[bytes, int] = {}
-        for i in range(n):
-            for c in range(C):
-                support = np.abs(D[i, c]) > 0
-                key = np.packbits(support).tobytes()
-                if key not in cache:
-                    outside = U[~support]
-                    inside = U.shape[1] - (
-                        np.linalg.matrix_rank(outside) if outside.size else 0
-                    )
-                    cache[key] = int(support.sum()) - inside
-                spare[i, c] = cache[key]
-        return spare
+    def _informative(U: np.ndarray, D: np.ndarray) -> bool:
+        """Whether "d(x, y) lies in col(G)" could have failed for this x.
+
+        The signals of x for all labels span F = J^T Z (J: logits over the
+        first layer's output; Z: logit errors, which sum to zero). If F lies
+        inside col(G) — few live units, fewer units than classes, or inputs
+        that all share one activation pattern — every candidate passes and
+        the test proves nothing.
+        """
+        rank_f = np.linalg.matrix_rank(D)  # D: (C, h)
+        joint = np.linalg.matrix_rank(np.hstack([D.T, U]))
+        return joint - U.shape[1] >= 1 and rank_f >= 1
 
     @staticmethod
     def _weight(grad: _Gradient, x: np.ndarray, d: np.ndarray) -> float | None:
