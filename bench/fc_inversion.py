@@ -33,17 +33,27 @@ def one_case(kind: str, batch: int, hidden: int, size: int | None) -> str:
     samples = load_samples(kind, batch, size=size, seed=11)
     x = samples.inputs.double()
     gen = torch.Generator().manual_seed(0)
-    y = (samples.labels % 10 if samples.labels is not None
-         else torch.randint(0, 10, (batch,), generator=gen))
+    y = (
+        samples.labels % 10
+        if samples.labels is not None
+        else torch.randint(0, 10, (batch,), generator=gen)
+    )
     torch.manual_seed(0)
     d = x[0].numel()
-    model = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(),
-                          nn.Linear(hidden, 10)).double()
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    ).double()
     loss = nn.functional.cross_entropy(model(x), y)
-    grads = dict(zip([n for n, _ in model.named_parameters()],
-                     torch.autograd.grad(loss, list(model.parameters())), strict=True))
-    target = AttackTarget.from_gradients(model, grads, samples.input_shape,
-                                         input_range=(0.0, 1.0))
+    grads = dict(
+        zip(
+            [n for n, _ in model.named_parameters()],
+            torch.autograd.grad(loss, list(model.parameters())),
+            strict=True,
+        )
+    )
+    target = AttackTarget.from_gradients(
+        model, grads, samples.input_shape, input_range=(0.0, 1.0)
+    )
 
     start = time.perf_counter()
     result = AnalyticFCInversion().run(target)
@@ -53,9 +63,11 @@ def one_case(kind: str, batch: int, hidden: int, size: int | None) -> str:
 
     report = match_inputs(result.inputs, x, data_range=1.0)
     med = np.median([min(s.psnr, 999.0) for s in report.scores])
-    return (f"| {kind} | {batch} | {hidden} | {report.fraction_recovered(60.0):.2f} | "
-            f"{med:.0f} | {result.num_certified} | {attack_s:.3f} | {svd_s:.4f} | "
-            f"{attack_s / svd_s:.0f} |")
+    return (
+        f"| {kind} | {batch} | {hidden} | {report.fraction_recovered(60.0):.2f} | "
+        f"{med:.0f} | {result.num_certified} | {attack_s:.3f} | {svd_s:.4f} | "
+        f"{attack_s / svd_s:.0f} |"
+    )
 
 
 def _timed_svd(G: np.ndarray) -> float:
@@ -68,11 +80,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B in {4, 16} only")
     args = parser.parse_args()
-    cases = [("fashion_mnist", None), ("digits", None), ("faces", None),
-             ("cells", None), ("mri", None), ("ecg", None), ("photos", 16)]
+    cases = [
+        ("fashion_mnist", None),
+        ("digits", None),
+        ("faces", None),
+        ("cells", None),
+        ("mri", None),
+        ("ecg", None),
+        ("photos", 16),
+    ]
     batches = [4, 16] if args.quick else [4, 16, 64]
-    print("| modality | B | h | frac >= 60 dB | median PSNR | certified | attack s "
-          "| SVD s | ratio |")
+    print(
+        "| modality | B | h | frac >= 60 dB | median PSNR | certified | attack s "
+        "| SVD s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, size in cases:
         for batch in batches:

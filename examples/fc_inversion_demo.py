@@ -37,7 +37,9 @@ def audit(kind: str, batch: int, hidden: int) -> None:
     ).double()
 
     target = AttackTarget.from_gradients(
-        model, client_gradient(model, x, y), samples.input_shape,
+        model,
+        client_gradient(model, x, y),
+        samples.input_shape,
         input_range=samples.input_range,
     )
     result = AnalyticFCInversion().run(target)
@@ -45,13 +47,16 @@ def audit(kind: str, batch: int, hidden: int) -> None:
 
     print(f"\n== {kind}: batch of {batch}, first layer {x[0].numel()} -> {hidden} ==")
     print(f"  batch size read off the gradient : {result.batch_size_estimate}")
-    print(f"  inputs rebuilt / certified exact : {result.num_recovered} / "
-          f"{result.num_certified}  ({result.elapsed_s:.2f} s)")
+    print(
+        f"  inputs rebuilt / certified exact : {result.num_recovered} / "
+        f"{result.num_certified}  ({result.elapsed_s:.2f} s)"
+    )
     print(f"  inputs matched at >= 60 dB PSNR  : {report.recovered(60.0)} of {batch}")
     if result.labels is not None:
         right = sum(
             int(result.labels[s.recon_index]) == int(y[s.truth_index])
-            for s in report.scores if s.recon_index is not None and s.psnr >= 60.0
+            for s in report.scores
+            if s.recon_index is not None and s.psnr >= 60.0
         )
         print(f"  labels right among those         : {right}")
     for note in result.notes:

@@ -201,7 +201,8 @@ def _check_gradients(
         raise GradientError(
             "gradients",
             [
-                f"expected a mapping of parameter name to tensor, got {type(gradients).__name__}"
+                "expected a mapping of parameter name to tensor, "
+                f"got {type(gradients).__name__}"
             ],
         )
     params = dict(model.named_parameters())

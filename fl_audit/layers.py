@@ -82,7 +82,8 @@ def check_input_shape(
         raise ShapeError(
             what,
             [
-                f"expected a sequence of positive ints such as (1, 28, 28), got {input_shape!r}"
+                "expected a sequence of positive ints such as (1, 28, 28), "
+                f"got {input_shape!r}"
             ],
         ) from None
     if not shape or any(s <= 0 for s in shape):

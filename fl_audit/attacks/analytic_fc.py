@@ -107,7 +107,7 @@ class _Gradient:
         U, S, Vt = np.linalg.svd(M, full_matrices=False)
         if self.scale == 1.0 and S.size:
             self.scale = float(S[0])
-        self.rank = int((S > self.rank_tol * self.scale).sum())
+        self.rank = int((self.rank_tol * self.scale < S).sum())
         self.U, self.S, self.Vt = U[:, : self.rank], S[: self.rank], Vt[: self.rank]
 
 
@@ -608,7 +608,8 @@ class _ModelCertifier:
             out = self.model(torch.zeros((1, *self.input_shape), dtype=torch.float64))
         if out.dim() != 2 or out.shape[1] < 2:
             raise UnsupportedModelError(
-                f"the model's output has shape {tuple(out.shape)}; the model certificate "
+                f"the model's output has shape {tuple(out.shape)}; "
+                "the model certificate "
                 "needs class logits (B, C) with C >= 2"
             )
         return int(out.shape[1])

@@ -50,7 +50,8 @@ def register_attack(name: str) -> Callable[[A], A]:
         known = _REGISTRY.get(name)
         if known is not None and known is not cls:
             raise FLAuditError(
-                f"attack name {name!r} is taken by {known.__module__}.{known.__qualname__}; "
+                f"attack name {name!r} is taken by "
+                f"{known.__module__}.{known.__qualname__}; "
                 f"register {cls.__qualname__} under another name"
             )
         cls.name = name
