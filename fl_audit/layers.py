@@ -77,7 +77,7 @@ def check_input_shape(
 ) -> tuple[int, ...]:
     """Return ``input_shape`` as a tuple of positive ints or raise ShapeError."""
     try:
-        shape = tuple(int(s) for s in input_shape)  # type: ignore[union-attr]
+        shape = tuple(int(s) for s in input_shape)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         raise ShapeError(
             what,
