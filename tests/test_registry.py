@@ -11,8 +11,8 @@ from fl_audit.attacks import (
     create_attack,
     get_attack,
     register_attack,
+    registry,
 )
-from fl_audit.attacks import registry
 from fl_audit.errors import FLAuditError, InvalidInputError, UnknownAttackError
 
 

@@ -1,0 +1,496 @@
+"""Tests for fl_audit.bounds: each verdict, its boundaries and the risk level."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fl_audit.bounds import RANK_RTOL, CapacityReport, analyze
+from fl_audit.errors import InvalidInputError, ShapeError
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def _fashion(count: int) -> torch.Tensor:
+    """The first ``count`` Fashion-MNIST test images, float64 in [0, 1]."""
+    if not FASHION.exists():
+        pytest.skip(f"{FASHION} not installed (Debian package dataset-fashion-mnist)")
+    with gzip.open(FASHION, "rb") as fh:
+        raw = fh.read(16 + count * 784)
+    pixels = np.frombuffer(raw, dtype=np.uint8, offset=16).astype(np.float64)
+    return torch.from_numpy(pixels / 255.0).reshape(count, 1, 28, 28)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test builds its layers from the same random weights."""
+    torch.manual_seed(0)
+
+
+def _mlp(h: int, bias: bool = True, d: int = 784) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(d, h, bias=bias), nn.ReLU(), nn.Linear(h, 10)
+    )
+
+
+def _dense_rank(conv: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """Rank of the layer's linear map: SVD of its dense Jacobian (reference)."""
+    lin = copy.deepcopy(conv).double().requires_grad_(False)
+    jac = torch.func.jacrev(lin)(torch.zeros((1, *in_shape), dtype=torch.float64))
+    sv = np.linalg.svd(
+        jac.reshape(-1, int(np.prod(in_shape))).numpy(), compute_uv=False
+    )
+    return int((sv > RANK_RTOL * sv[0]).sum())
+
+
+# --------------------------------------------------------------------------
+# Fully-connected first layer
+
+
+def test_fc_one_input_with_bias_is_exact() -> None:
+    # Arrange
+    model = _mlp(h=8)
+
+    # Act
+    report = analyze(model, (1, 28, 28))
+
+    # Assert
+    v = report.verdict("fc_single_input")
+    assert (v.holds, v.required, v.actual, v.source) == (True, 1, 8, "seed theorem 1")
+    assert v.quantities == {"h": 8, "d": 784, "bias": True}
+    assert "exactly" in v.outcome
+    assert report.first_layer.path == "1"
+    assert report.risk == "exposed"
+
+
+def test_fc_one_input_formula_recovers_a_real_image() -> None:
+    # Arrange: the verdict's formula, applied to a real gradient.
+    x = _fashion(1).float()
+    model = _mlp(h=8)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([3]))
+    gw, gb = torch.autograd.grad(loss, [model[1].weight, model[1].bias])
+
+    # Act
+    unit = int(gb.abs().argmax())
+    recovered = gw[unit] / gb[unit]  # (784,)
+
+    # Assert
+    assert analyze(model, (1, 28, 28)).verdict("fc_single_input").holds
+    assert torch.allclose(recovered, x.reshape(-1), atol=1e-5)
+
+
+def test_fc_one_input_without_bias_is_up_to_scale() -> None:
+    report = analyze(_mlp(h=8, bias=False), (1, 28, 28))
+
+    v = report.verdict("fc_single_input")
+    assert v.holds is True
+    assert v.quantities["bias"] is False
+    assert "up to scale" in v.outcome
+    assert report.first_layer.bias_name is None
+    assert "up to scale" in report.risk_reason
+
+
+@pytest.mark.parametrize(
+    ("batch", "holds", "risk"),
+    [(15, True, "exposed"), (16, True, "exposed"), (17, False, "partially_exposed")],
+)
+def test_fc_batch_boundary_h_equals_b(batch: int, holds: bool, risk: str) -> None:
+    report = analyze(_mlp(h=16), (1, 28, 28), batch_size=batch)
+
+    v = report.verdict("fc_batch")
+    assert (v.holds, v.required, v.actual) == (holds, batch, 16)
+    assert v.source == "seed theorem 2"
+    assert report.risk == risk
+
+
+@pytest.mark.parametrize("batch", [15, 16, 17])
+def test_fc_batch_verdict_matches_gradient_rank_on_real_images(batch: int) -> None:
+    # Arrange: a batch of real images, mean cross-entropy, h = 16 units.
+    h = 16
+    model = _mlp(h=h).double()
+    x = _fashion(batch)
+    labels = torch.arange(batch) % 10
+
+    # Act
+    loss = nn.functional.cross_entropy(model(x), labels)
+    (gw,) = torch.autograd.grad(loss, [model[1].weight])  # (h, 784)
+    rank = int(torch.linalg.matrix_rank(gw))
+    verdict = analyze(model, (1, 28, 28), batch_size=batch).verdict("fc_batch")
+
+    # Assert: rank(dL/dW) = min(B, h), and equals B exactly when h >= B.
+    assert rank == min(batch, h)
+    assert verdict.holds == (rank == batch)
+
+
+def test_fc_batch_not_evaluated_without_batch_size() -> None:
+    report = analyze(_mlp(h=4), (784,))
+
+    v = report.verdict("fc_batch")
+    assert v.holds is None and v.required is None
+    assert "batch_size" in v.note
+    assert "worst case" in report.risk_reason
+    with pytest.raises(KeyError, match="fc_fedavg.*fc_single_input"):
+        report.verdict("fc_fedavg")
+
+
+@pytest.mark.parametrize(
+    ("examples", "holds", "risk"),
+    [(63, True, "exposed"), (64, True, "exposed"), (65, False, "partially_exposed")],
+)
+def test_fc_fedavg_uses_local_examples(examples: int, holds: bool, risk: str) -> None:
+    report = analyze(_mlp(h=64), (1, 28, 28), batch_size=8, local_examples=examples)
+
+    v = report.verdict("fc_fedavg")
+    assert (v.holds, v.required, v.actual) == (holds, examples, 64)
+    assert report.verdict("fc_batch").holds is True
+    assert report.risk == risk
+    assert f"N = {examples}" in report.risk_reason
+
+
+def test_fc_batch_larger_than_input_is_partial() -> None:
+    report = analyze(_mlp(h=64, d=10), (10,), batch_size=32)
+
+    assert report.verdict("fc_batch").holds is True
+    assert "> d = 10" in report.verdict("fc_batch").note
+    assert report.risk == "partially_exposed"
+
+
+# --------------------------------------------------------------------------
+# Convolutional first layer
+
+
+def _cnn(conv: nn.Module) -> nn.Module:
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten())
+
+
+@pytest.mark.parametrize(
+    ("h", "v1", "per_sample"), [(5, False, True), (6, True, True), (7, True, True)]
+)
+def test_conv_stride1_seed_v1_boundary(h: int, v1: bool, per_sample: bool) -> None:
+    # 28x28 -> 24x24: (d/d')^2 * B * C = 784/576 * 4 -> 6 filters.
+    report = analyze(_cnn(nn.Conv2d(1, h, 5)), (1, 28, 28), batch_size=4)
+
+    seed = report.verdict("conv_seed_v1")
+    assert (seed.required, seed.actual, seed.holds) == (6, h, v1)
+    assert seed.quantities["d"] == [28, 28] and seed.quantities["d'"] == [24, 24]
+    assert seed.quantities["B"] == 4 and seed.quantities["C"] == 1
+    assert report.verdict("conv_per_sample").required == 2
+    assert report.verdict("conv_per_sample").holds is per_sample
+
+
+def test_conv_stride1_count_is_not_sufficient() -> None:
+    # Arrange: two 5x5 filters give 1152 outputs for 784 unknowns.
+    conv = nn.Conv2d(1, 2, 5)
+
+    # Act
+    report = analyze(_cnn(conv), (1, 28, 28))
+
+    # Assert: the count holds, yet the operator loses 32 directions.
+    assert report.verdict("conv_per_sample").holds is True
+    rank = report.verdict("conv_exact_rank")
+    assert rank.actual == _dense_rank(conv, (1, 28, 28)) == 752
+    assert rank.holds is False
+    assert report.risk == "partially_exposed"
+
+
+@pytest.mark.parametrize(("h", "holds"), [(3, False), (4, True), (5, True)])
+def test_conv_stride2_per_sample_boundary(h: int, holds: bool) -> None:
+    # 28x28, k=5, s=2, p=2 -> 14x14: 784 / 196 * C = 4 filters.
+    conv = nn.Conv2d(1, h, 5, stride=2, padding=2)
+
+    report = analyze(_cnn(conv), (1, 28, 28), batch_size=1)
+
+    per_sample = report.verdict("conv_per_sample")
+    assert (per_sample.required, per_sample.holds) == (4, holds)
+    assert per_sample.quantities["s"] == [2, 2] and per_sample.quantities["p"] == [2, 2]
+    rank = report.verdict("conv_exact_rank")
+    assert rank.actual == _dense_rank(conv, (1, 28, 28))
+    assert rank.holds is (rank.actual == 784)
+    assert report.risk == ("exposed" if rank.holds else "partially_exposed")
+
+
+def test_conv_stride2_rank_is_full_one_filter_past_the_count() -> None:
+    # At h = 4 the operator is square and often worse conditioned than
+    # RANK_RTOL; one filter more it is full rank with a wide margin.
+    low = analyze(nn.Conv2d(1, 3, 5, stride=2, padding=2), (1, 28, 28))
+    high = analyze(nn.Conv2d(1, 5, 5, stride=2, padding=2), (1, 28, 28))
+
+    assert low.verdict("conv_exact_rank").actual == 3 * 196
+    assert high.verdict("conv_exact_rank").holds is True
+    assert (low.risk, high.risk) == ("partially_exposed", "exposed")
+
+
+@pytest.mark.parametrize("h", [3, 4, 5])
+def test_conv_exact_rank_predicts_least_squares_on_real_images(h: int) -> None:
+    # Arrange: real images through the layer alone (no bias, no ReLU).
+    conv = nn.Conv2d(1, h, 5, stride=2, padding=2, bias=False).double()
+    x = _fashion(4)
+    a = torch.func.jacrev(conv)(torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+    a = a.reshape(-1, 784)  # (h * 196, 784)
+
+    # Act
+    z = conv(x).reshape(4, -1).detach()  # (4, h * 196)
+    solution = torch.linalg.lstsq(
+        a.detach(), z.T, rcond=RANK_RTOL, driver="gelsd"
+    ).solution.T
+    error = float((solution - x.reshape(4, -1)).abs().max())
+    verdict = analyze(conv, (1, 28, 28)).verdict("conv_exact_rank")
+
+    # Assert: least squares (cut at RANK_RTOL) is exact when the verdict holds.
+    assert verdict.holds is (error < 1e-8)
+    assert error < 1e-8 or error > 1e-2
+
+
+def test_conv_padding_same_size_output() -> None:
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    report = analyze(_cnn(conv), (3, 12, 12), batch_size=2)
+
+    assert report.first_layer.out_shape == [3, 12, 12]
+    assert report.verdict("conv_per_sample").required == 3
+    assert report.verdict("conv_seed_v1").required == 6
+    assert report.verdict("conv_exact_rank").actual == _dense_rank(conv, (3, 12, 12))
+
+
+def test_conv_padding_string_and_reflect_mode() -> None:
+    conv = nn.Conv2d(1, 2, 3, padding="same", padding_mode="reflect")
+
+    report = analyze(_cnn(conv), (1, 10, 10))
+
+    assert report.first_layer.out_shape == [2, 10, 10]
+    assert report.verdict("conv_per_sample").quantities["p"] == "same"
+    assert report.verdict("conv_coverage").actual == 0
+    assert report.verdict("conv_exact_rank").actual == _dense_rank(conv, (1, 10, 10))
+
+
+def test_conv_stride_beyond_kernel_leaves_pixels_uncovered() -> None:
+    # k=2, s=3 on 8x8: rows/cols {0,1,3,4,6,7} are read, 28 of 64 pixels not.
+    conv = nn.Conv2d(1, 40, 2, stride=3)
+
+    report = analyze(_cnn(conv), (1, 8, 8))
+
+    coverage = report.verdict("conv_coverage")
+    assert (coverage.actual, coverage.holds) == (28, False)
+    assert report.verdict("conv_per_sample").holds is True
+    assert report.verdict("conv_exact_rank").actual == 36
+    assert report.risk == "partially_exposed"
+
+
+def test_conv_non_square_input_uses_area_ratio() -> None:
+    # 20x12, k=3, s=2 -> 9x5: ceil(240 / 45 * C) = 6 filters per sample.
+    conv = nn.Conv2d(1, 6, 3, stride=2)
+
+    report = analyze(_cnn(conv), (1, 20, 12), batch_size=2)
+
+    per_sample = report.verdict("conv_per_sample")
+    assert per_sample.quantities["d"] == [20, 12]
+    assert per_sample.quantities["d'"] == [9, 5]
+    assert (per_sample.required, per_sample.holds) == (6, True)
+    assert report.verdict("conv_seed_v1").required == 11
+    assert report.verdict("conv_exact_rank").actual == _dense_rank(conv, (1, 20, 12))
+
+
+@pytest.mark.parametrize(("h", "holds"), [(4, False), (5, True)])
+def test_conv1d_uses_lengths_without_square(h: int, holds: bool) -> None:
+    # C=2, L=48, k=4, s=2 -> L'=23: ceil(2 * 48 / 23) = 5 filters.
+    conv = nn.Conv1d(2, h, 4, stride=2)
+
+    report = analyze(_cnn(conv), (2, 48), batch_size=3)
+
+    per_sample = report.verdict("conv_per_sample")
+    assert per_sample.quantities["d"] == 48 and per_sample.quantities["d'"] == 23
+    assert per_sample.formula == "h >= (d/d') * C"
+    assert (per_sample.required, per_sample.holds) == (5, holds)
+    assert report.verdict("conv_seed_v1").required == 13
+    assert report.verdict("conv_coverage").actual == 0
+    assert report.verdict("conv_exact_rank").actual == _dense_rank(conv, (2, 48))
+
+
+def test_conv1d_stride_leaves_last_sample_uncovered() -> None:
+    conv = nn.Conv1d(2, 8, 5, stride=2)  # L=50 -> 23 outputs, sample 49 unread
+
+    report = analyze(_cnn(conv), (2, 50))
+
+    assert report.verdict("conv_coverage").actual == 2
+    assert report.verdict("conv_exact_rank").actual == 98
+
+
+def test_conv_groups_and_dilation_rank_matches_dense() -> None:
+    conv = nn.Conv2d(4, 8, 3, dilation=2, groups=2)
+
+    report = analyze(_cnn(conv), (4, 9, 9))
+
+    rank = report.verdict("conv_exact_rank")
+    assert rank.quantities["groups"] == 2 and rank.quantities["dilation"] == [2, 2]
+    assert rank.actual == _dense_rank(conv, (4, 9, 9))
+
+
+def test_conv_wide_operator_uses_smaller_gram() -> None:
+    # m = 2 * 4 * 4 = 32 outputs < n = 100 unknowns: rank <= 32.
+    conv = nn.Conv2d(1, 2, 4, stride=2)
+
+    report = analyze(_cnn(conv), (1, 10, 10))
+
+    assert report.verdict("conv_exact_rank").actual == _dense_rank(conv, (1, 10, 10))
+
+
+def test_conv_exact_rank_declines_above_limit() -> None:
+    # Arrange: counts hold, the rank is too large to compute under the limit.
+    model = _cnn(nn.Conv2d(1, 8, 3, padding=1))
+
+    # Act
+    report = analyze(model, (1, 28, 28), exact_rank_limit=100)
+
+    # Assert
+    rank = report.verdict("conv_exact_rank")
+    assert rank.holds is None and rank.actual is None
+    assert "6272 x 784" in rank.note and "100" in rank.note
+    assert report.risk == "not_determined"
+
+
+def test_conv_declined_rank_with_failed_count_is_partial() -> None:
+    report = analyze(_cnn(nn.Conv2d(1, 1, 3)), (1, 28, 28), exact_rank_limit=10)
+
+    assert report.verdict("conv_exact_rank").holds is None
+    assert report.verdict("conv_per_sample").holds is False
+    assert report.risk == "partially_exposed"
+
+
+# --------------------------------------------------------------------------
+# Unsupported first layers
+
+
+class _EmbeddingModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens.long()).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "path", "module"),
+    [
+        (_EmbeddingModel(), (12,), "embed", "Embedding"),
+        (
+            nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3)),
+            (1, 8, 8),
+            "0",
+            "BatchNorm2d",
+        ),
+        (nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 4)), (16,), "0", "LayerNorm"),
+        (nn.Sequential(nn.Conv3d(1, 2, 3)), (1, 6, 6, 6), "0", "Conv3d"),
+    ],
+)
+def test_unsupported_first_layer_names_the_module(
+    model: nn.Module, shape: tuple[int, ...], path: str, module: str
+) -> None:
+    report = analyze(model, shape, batch_size=4)
+
+    assert report.risk == "unsupported"
+    assert [v.name for v in report.verdicts] == ["unsupported_first_layer"]
+    v = report.verdicts[0]
+    assert v.holds is False
+    assert v.quantities == {"path": path, "module": module}
+    assert f"{path} ({module})" in v.note
+    assert report.first_layer.out_shape is None
+
+
+def test_transformed_input_is_unsupported() -> None:
+    # A parameter-free scaling before the Linear: not the raw input.
+    model = nn.Sequential(
+        nn.Flatten(), nn.Dropout(0.0), nn.Hardtanh(0, 0.5), nn.Linear(16, 4)
+    )
+
+    report = analyze(model, (16,))
+
+    assert report.risk == "unsupported"
+    assert "transformed" in report.risk_reason
+
+
+# --------------------------------------------------------------------------
+# Arguments, errors and serialisation
+
+
+def test_bad_arguments_are_all_reported_at_once() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        analyze(
+            _mlp(4),
+            (784,),
+            batch_size=0,
+            local_examples=2.5,  # type: ignore[arg-type]
+            exact_rank_limit=True,
+        )
+
+    assert len(info.value.problems) == 3
+    assert "batch_size must be an int >= 1 or None, got 0" in str(info.value)
+
+
+def test_local_examples_below_batch_size_is_rejected() -> None:
+    with pytest.raises(InvalidInputError, match="swapped"):
+        analyze(_mlp(4), (784,), batch_size=32, local_examples=8)
+
+
+def test_not_a_module_is_rejected() -> None:
+    with pytest.raises(InvalidInputError, match="torch.nn.Module, got function"):
+        analyze(lambda x: x, (784,))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(), (0, 28), "1,28,28", (1, -28, 28)])
+def test_bad_input_shape_raises_shape_error(shape: object) -> None:
+    with pytest.raises(ShapeError):
+        analyze(_mlp(4), shape)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "match"),
+    [
+        (_mlp(4), (1, 27, 27), "expects 784 features.*gives it 729"),
+        (_cnn(nn.Conv2d(1, 2, 5)), (3, 28, 28), r"1 channels.*\(3, 28, 28\)"),
+        (_cnn(nn.Conv2d(1, 2, 5)), (1, 3, 3), "cannot take"),
+        (nn.Sequential(nn.Unflatten(1, (2, 8)), nn.Linear(8, 2)), (15,), "fails"),
+    ],
+)
+def test_model_failing_on_the_shape_raises_shape_error(
+    model: nn.Module, shape: tuple[int, ...], match: str
+) -> None:
+    with pytest.raises(ShapeError, match=match):
+        analyze(model, shape)
+
+
+def test_report_round_trips_through_json() -> None:
+    report = analyze(_cnn(nn.Conv2d(3, 8, 3, stride=2)), (3, 16, 16), batch_size=4)
+
+    text = report.to_json()
+    again = CapacityReport.model_validate_json(text)
+
+    assert again == report
+    data = json.loads(text)
+    assert data["risk"] == report.risk
+    assert {v["source"] for v in data["verdicts"]} == {
+        "seed v1 formula",
+        "per-sample count",
+        "window coverage",
+        "exact rank",
+    }
+
+
+def test_analyze_leaves_the_model_unchanged() -> None:
+    model = _cnn(nn.Conv2d(1, 3, 3))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    analyze(model, (1, 8, 8), batch_size=2)
+
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
