@@ -7,6 +7,7 @@ they recover against what the model's architecture lets leak.
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import (
     AttackFailedError,
+    ConfigError,
     FLAuditError,
     GradientError,
     InvalidInputError,
@@ -17,10 +18,14 @@ from fl_audit.errors import (
 
 __version__ = "0.1.0"
 
+from fl_audit.config import AuditConfig  # noqa: E402  (its validators need the registry)
+
 __all__ = [
     "AttackFailedError",
     "AttackResult",
     "AttackTarget",
+    "AuditConfig",
+    "ConfigError",
     "FLAuditError",
     "GradientError",
     "InvalidInputError",

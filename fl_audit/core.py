@@ -59,6 +59,12 @@ class AttackTarget:
     source:
         ``"gradient"`` for one gradient at ``model``'s weights, ``"update"``
         for a multi-step client update (weights moved during it).
+    rounding:
+        Per parameter name, the absolute rounding error of one entry of the
+        gradient (its noise floor) when it was formed by subtracting two
+        stored models; empty for gradients computed directly. A float32
+        update ``global - client`` loses about ``eps * |w|`` per entry, far
+        more than the gradient's own precision when ``lr`` is small.
     """
 
     model: nn.Module
@@ -71,6 +77,7 @@ class AttackTarget:
     lr: float | None = None
     local_steps: int | None = None
     source: TargetSource = "gradient"
+    rounding: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", check_input_shape(self.input_shape))
@@ -160,6 +167,7 @@ class AttackTarget:
 
         scale = 1.0 / lr if lr else 1.0
         pseudo: dict[str, torch.Tensor] = {}
+        rounding: dict[str, float] = {}
         for name in params:
             g, c = _as_tensor(global_state[name]), _as_tensor(client_state[name])
             if g.shape != c.shape:
@@ -169,6 +177,10 @@ class AttackTarget:
                 )
                 continue
             pseudo[name] = (g.double() - c.double()) * scale
+            eps = float(torch.finfo(torch.promote_types(g.dtype, c.dtype)).eps)
+            if g.is_floating_point() and g.numel():
+                rms = float(g.double().pow(2).mean().sqrt())
+                rounding[name] = eps * rms * scale
         if problems:
             raise GradientError("model update", problems)
 
@@ -191,6 +203,7 @@ class AttackTarget:
             lr=lr,
             local_steps=local_steps,
             source="gradient" if local_steps == 1 else "update",
+            rounding=rounding,
         )
 
 

@@ -5,7 +5,8 @@
     FLAuditError                     every error raised on purpose by fl-audit
     ├── InvalidInputError (ValueError)   fix the data handed in
     │   ├── GradientError                gradients/updates: names, shapes, NaN/Inf
-    │   └── ShapeError                   input shape does not fit the model
+    │   ├── ShapeError                   input shape does not fit the model
+    │   └── ConfigError                  an audit config (YAML, run config) is bad
     ├── UnsupportedModelError            the model is outside what an attack or
     │                                    bound covers: choose another attack
     ├── UnknownAttackError (KeyError)    a registry name that is not registered
@@ -41,6 +42,10 @@ class GradientError(InvalidInputError):
 
 class ShapeError(InvalidInputError):
     """An input shape that the model cannot take."""
+
+
+class ConfigError(InvalidInputError):
+    """An audit configuration with problems; each names its key (and line)."""
 
 
 class UnsupportedModelError(FLAuditError):

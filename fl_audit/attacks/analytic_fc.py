@@ -86,6 +86,15 @@ class _Tolerances:
             box=max(1e-12, 10 * eps) * span,
         )
 
+    def with_noise(self, rel: float, span: float) -> _Tolerances:
+        """Widen the thresholds to a known noise floor (relative to sigma_max)."""
+        return _Tolerances(
+            rank=max(self.rank, 5 * rel),
+            subspace=max(self.subspace, 5 * rel),
+            units=max(self.units, 5 * rel),
+            box=max(self.box, 5 * rel * span),
+        )
+
 
 @dataclass
 class _Gradient:
@@ -226,6 +235,15 @@ class AnalyticFCInversion(Attack):
             rank_tol=tol.rank,
         )
         grad.refresh()
+        noise = target.rounding.get(layer.weight_name, 0.0)
+        if noise > 0.0 and grad.scale > 0.0:
+            # An update global - client carries the rounding of both models:
+            # its spectral norm is about noise * (sqrt(h) + sqrt(d)).
+            h, d = grad.G.shape
+            rel = noise * (np.sqrt(h) + np.sqrt(d + 1)) / grad.scale
+            tol = tol.with_noise(rel, span)
+            grad.rank_tol = tol.rank
+            grad.refresh()
         estimate = grad.rank
         notes: list[str] = []
         logger.debug(

@@ -1,0 +1,1 @@
+"""Simulated hospitals training one model with Flower, audited by fl-audit."""

@@ -1,0 +1,113 @@
+"""Pieces both Flower wrappers share: config loading, ground truth, SecAgg."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fl_audit.attacks.base import Attack
+from fl_audit.audit import ClientUpdate, GroundTruth
+from fl_audit.config import AuditConfig
+from fl_audit.errors import ConfigError
+from fl_audit.report import ClientMetadata
+
+
+def load_config(
+    config: AuditConfig | Mapping[str, Any] | str | Path | None,
+    attacks: Sequence[str | Mapping[str, Any] | Attack] | None,
+) -> tuple[AuditConfig, list[Attack] | None]:
+    """The audit config, with ``attacks`` (names, specs or instances) applied."""
+    if config is None:
+        cfg = AuditConfig()
+    elif isinstance(config, AuditConfig):
+        cfg = config
+    elif isinstance(config, str | Path):
+        cfg = AuditConfig.from_yaml(config)
+    elif isinstance(config, Mapping):
+        cfg = AuditConfig.from_mapping(config)
+    else:
+        raise ConfigError(
+            "config",
+            [
+                "expected an AuditConfig, a mapping or a YAML path, got "
+                f"{type(config).__name__}"
+            ],
+        )
+    if attacks is None:
+        return cfg, None
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    if all(isinstance(a, Attack) for a in attacks):
+        return cfg, list(attacks)  # type: ignore[arg-type]
+    if any(isinstance(a, Attack) for a in attacks):
+        raise ConfigError(
+            "attacks", ["give either Attack instances or registry names, not both"]
+        )
+    merged = AuditConfig.from_mapping(
+        {**cfg.model_dump(exclude={"attacks"}), "attacks": list(attacks)},
+        source="attacks",
+    )
+    return merged, None
+
+
+def truth_from_arrays(
+    arrays: Mapping[str, np.ndarray],
+) -> tuple[GroundTruth | None, list[str]]:
+    """Ground truth from the client's ``inputs``/``labels`` arrays."""
+    if "inputs" not in arrays:
+        return None, ["ground truth record without 'inputs' ignored"]
+    inputs = torch.from_numpy(np.array(arrays["inputs"], dtype=np.float64))
+    labels = None
+    if "labels" in arrays:
+        labels = torch.from_numpy(np.asarray(arrays["labels"]).astype(np.int64))
+        if labels.numel() != inputs.shape[0]:
+            return GroundTruth(inputs), [
+                f"{labels.numel()} ground-truth labels for {inputs.shape[0]} inputs: "
+                "labels ignored"
+            ]
+    return GroundTruth(inputs, labels), []
+
+
+def aggregate_update(
+    updates: list[ClientUpdate],
+) -> tuple[list[ClientUpdate], bool, list[str]]:
+    """Detect secure aggregation: every client carrying the same arrays.
+
+    Under SecAgg(+) each result holds the aggregate, not the client's own
+    model. The clients are then audited once, as one aggregate whose
+    distinct examples are the sum of theirs.
+    """
+    if len(updates) < 2 or not all(u.client_state for u in updates):
+        return updates, False, []
+    first = updates[0].client_state
+    same = all(
+        u.client_state.keys() == first.keys()
+        and all(np.array_equal(u.client_state[k], first[k]) for k in first)
+        for u in updates[1:]
+    )
+    if not same:
+        return updates, False, []
+
+    examples = [u.metadata.num_examples for u in updates]
+    total = sum(e for e in examples if e) if all(examples) else None
+    merged = ClientUpdate(
+        client="aggregate",
+        node_id=None,
+        client_state=first,
+        metadata=ClientMetadata(num_examples=total),
+        metadata_from_client=all(u.metadata_from_client for u in updates),
+        kind="aggregate",
+        notes=[
+            f"secure aggregation: all {len(updates)} results carry the same "
+            "arrays; only their aggregate is visible and it is audited once"
+        ],
+    )
+    note = (
+        f"secure aggregation detected: {len(updates)} clients "
+        f"({', '.join(u.client for u in updates)}) audited as one aggregate"
+    )
+    return [merged], True, [note]
