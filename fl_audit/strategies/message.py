@@ -248,6 +248,13 @@ def _update(
     metadata, meta_notes = parse_metadata(dict(meta_raw) if meta_from_client else None)
     notes += meta_notes
 
+    if metadata.num_examples is None:
+        for record in msg.content.metric_records.values():
+            value = record.get("num-examples")
+            if isinstance(value, int) and value >= 0:
+                metadata = metadata.model_copy(update={"num_examples": value})
+                break
+
     records = list(msg.content.array_records.items())
     state: dict[str, np.ndarray] = {}
     if len(records) == 1:
