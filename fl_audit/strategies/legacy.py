@@ -216,10 +216,12 @@ def _take_audit_metrics(res: FitRes) -> dict[str, Any]:
 
 
 def _node_id(proxy: ClientProxy) -> int | None:
-    try:
-        return int(proxy.node_id)
-    except Exception:
-        return None
+    for value in (getattr(proxy, "node_id", None), getattr(proxy, "cid", None)):
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUpdate:
