@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides["audit.output-dir"] = str(output)
     task.settings(overrides)  # fail here, not inside the simulation
 
-    logging.getLogger("fl_audit").setLevel(logging.INFO)
     run_simulation(
         server_app=make_server_app(overrides),
         client_app=make_client_app(overrides),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
 def main(grid: Grid, run_config: Mapping[str, Any]) -> None:
     """Train with FedAvg for the configured rounds, audited every round."""
+    audit_log = logging.getLogger("fl_audit")
+    if not any(isinstance(h, logging.StreamHandler) for h in audit_log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fl-audit %(levelname)s: %(message)s"))
+        audit_log.addHandler(handler)
+    audit_log.setLevel(logging.INFO)
+
     cfg = task.settings(run_config)
     model = task.make_model(cfg)
     audit_config = AuditConfig.from_run_config({**task.DEFAULTS, **run_config})
