@@ -55,6 +55,7 @@ from fl_audit.report import (
     UpdateKind,
     dumps_scalar_config,
 )
+from fl_audit.runtime import AttackJob, JobOutcome, JobRunner, make_runner
 
 __all__ = [
     "Auditor",
@@ -176,6 +177,61 @@ def match_state(
     )
 
 
+@dataclass
+class _Prepared:
+    """A client's update made ready for its attacks."""
+
+    update: ClientUpdate
+    target: AttackTarget | None
+    capacity: CapacityReport | None
+    truth: GroundTruth | None
+    notes: list[str]
+    start: float
+
+
+def _applicability(
+    attack: Attack, target: AttackTarget, config: AuditConfig
+) -> AttackOutcome | None:
+    """An outcome when the attack does not apply (or its check fails), else None."""
+    options = _options(attack, config)
+    try:
+        verdict = attack.applicability(target)
+    except Exception as exc:  # a plugin's bug must not stop the audit
+        return AttackOutcome(
+            attack=attack.name,
+            options=options,
+            status="failed",
+            reason=f"applicability check raised {type(exc).__name__}: {exc}",
+        )
+    if not verdict:
+        return AttackOutcome(
+            attack=attack.name,
+            options=options,
+            status="not_applicable",
+            reason=verdict.reason,
+        )
+    return None
+
+
+def _consistency(meta: ClientMetadata, outcomes: Sequence[AttackOutcome]) -> list[str]:
+    """Notes where the gradient contradicts what the client declared.
+
+    An update can mix no more distinct inputs than the client trained on, so
+    an estimated batch size above the declared count means the metadata
+    lies (or the update is not what the client says it is).
+    """
+    multi_step = (meta.local_steps or 1) > 1
+    declared = meta.num_examples if multi_step else meta.batch_size
+    if declared is None:
+        return []
+    return [
+        f"metadata inconsistent: the client declared {declared} distinct input(s) "
+        f"but the gradient {o.attack} saw mixes at least {o.batch_size_estimate}"
+        for o in outcomes
+        if o.batch_size_estimate is not None and o.batch_size_estimate > declared
+    ]
+
+
 class Auditor:
     """Audits client updates against one model architecture.
 
@@ -219,6 +275,9 @@ class Auditor:
         self.strategy_name = strategy_name
         self.attacks = list(attacks) if attacks is not None else _build(config.attacks)
         self.writer = ReportWriter(config.output_dir)
+        self.runner: JobRunner = make_runner(
+            config.backend, workers=config.workers, ray_address=config.ray_address
+        )
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
 
     def settings(self, train_config: Mapping[str, Any] | None = None) -> RunSettings:
@@ -250,8 +309,16 @@ class Auditor:
         started_at: datetime | None = None,
         notes: Sequence[str] = (),
     ) -> RoundReport:
-        """Audit the selected updates of a round and write its report."""
+        """Audit the selected updates of a round and write its report.
+
+        Clients are audited a few at a time (as many as the runner has
+        workers), so the audit holds the targets and results of those only.
+        Once ``round_budget_s`` is spent no further attack starts; those not
+        run are reported ``failed`` with the reason.
+        """
         started_at = started_at or datetime.now(UTC)
+        budget = self.config.round_budget_s
+        deadline = None if budget is None else time.perf_counter() + budget
         train_config = dict(train_config or {})
         chosen, reasons = self.config.clients.select(
             server_round, [(u.client, u.partition_id) for u in updates]
@@ -275,10 +342,16 @@ class Auditor:
             " (aggregate only: secure aggregation)" if aggregate_only else "",
         )
 
-        clients = [
-            self.audit_client(server_round, global_state, u, train_config)
-            for u in audited
-        ]
+        clients: list[ClientAudit] = []
+        step = max(1, getattr(self.runner, "workers", 1))
+        for first in range(0, len(audited), step):
+            clients += self._audit_clients(
+                server_round,
+                global_state,
+                audited[first : first + step],
+                train_config,
+                deadline,
+            )
         report = RoundReport(
             round=server_round,
             started_at=started_at,
@@ -304,10 +377,80 @@ class Auditor:
         train_config: Mapping[str, Any] | None = None,
     ) -> ClientAudit:
         """Bounds, attacks and scores for one client; never raises."""
+        (audit,) = self._audit_clients(
+            server_round, global_state, [update], dict(train_config or {}), None
+        )
+        return audit
+
+    def _audit_clients(
+        self,
+        server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        updates: Sequence[ClientUpdate],
+        train_config: Mapping[str, Any],
+        deadline: float | None,
+    ) -> list[ClientAudit]:
+        prepared = [
+            self._prepare(server_round, global_state, u, train_config) for u in updates
+        ]
+
+        # One job per client and applicable attack; the rest are decided here.
+        jobs: list[AttackJob] = []
+        slots: list[list[AttackOutcome | int]] = []
+        for prep in prepared:
+            row: list[AttackOutcome | int] = []
+            if prep.target is not None:
+                for attack in self.attacks:
+                    decided = _applicability(attack, prep.target, self.config)
+                    if decided is not None:
+                        row.append(decided)
+                        continue
+                    row.append(len(jobs))
+                    jobs.append(
+                        AttackJob(
+                            attack,
+                            prep.target,
+                            self._timeout(attack),
+                            self.config.attack_memory_mb,
+                            f"{prep.update.client}/{attack.name}",
+                        )
+                    )
+            slots.append(row)
+
+        outcomes = self.runner.run(jobs, deadline) if jobs else []
+
+        audits = []
+        for prep, row in zip(prepared, slots, strict=True):
+            results = [
+                slot
+                if isinstance(slot, AttackOutcome)
+                else self._finish(server_round, attack, prep, outcomes[slot])
+                for attack, slot in zip(self.attacks, row, strict=False)
+            ]
+            prep.notes += _consistency(prep.update.metadata, results)
+            audit = self._client(
+                prep.update,
+                prep.capacity,
+                results,
+                prep.notes,
+                prep.truth is not None and prep.target is not None,
+                time.perf_counter() - prep.start,
+            )
+            _log_client(server_round, audit)
+            audits.append(audit)
+        return audits
+
+    def _prepare(
+        self,
+        server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        update: ClientUpdate,
+        train_config: Mapping[str, Any],
+    ) -> _Prepared:
         start = time.perf_counter()
         meta = update.metadata
         notes = list(update.notes)
-        lr = meta.lr or _lr_from(train_config or {})
+        lr = meta.lr or _lr_from(train_config)
         if meta.lr is None and lr is not None:
             notes.append(f"learning rate {lr:g} taken from the server's train config")
         if meta.weight_decay:
@@ -330,27 +473,17 @@ class Auditor:
         try:
             target = self._target(global_state, update, lr)
         except (FLAuditError, RuntimeError, ValueError, TypeError) as exc:
-            reason = f"the update cannot be audited: {exc}"
             logger.warning("fl-audit round %d %s: %s", server_round, update.client, exc)
-            return self._client(
-                update, None, [], notes + [reason], False, time.perf_counter() - start
-            )
-
+            notes.append(f"the update cannot be audited: {exc}")
+            return _Prepared(update, None, None, truth, notes, start)
         capacity = self._capacity(server_round, target.model, meta, update.kind, notes)
-        outcomes = [
-            self._attack(server_round, attack, target, update.client, truth)
-            for attack in self.attacks
-        ]
-        audit = self._client(
-            update,
-            capacity,
-            outcomes,
-            notes,
-            truth is not None,
-            time.perf_counter() - start,
-        )
-        _log_client(server_round, audit)
-        return audit
+        return _Prepared(update, target, capacity, truth, notes, start)
+
+    def _timeout(self, attack: Attack) -> float | None:
+        for spec in self.config.attacks:
+            if spec.name == attack.name and spec.timeout_s is not None:
+                return spec.timeout_s
+        return self.config.attack_timeout_s
 
     def _target(
         self,
@@ -399,61 +532,41 @@ class Auditor:
                 return None
         return self._bounds[key]
 
-    def _attack(
+    def _finish(
         self,
         server_round: int,
         attack: Attack,
-        target: AttackTarget,
-        client: str,
-        truth: GroundTruth | None,
+        prep: _Prepared,
+        job: JobOutcome,
     ) -> AttackOutcome:
         options = _options(attack, self.config)
-        try:
-            verdict = attack.applicability(target)
-        except Exception as exc:  # a plugin's bug must not stop the audit
-            return AttackOutcome(
-                attack=attack.name,
-                options=options,
-                status="failed",
-                reason=f"applicability check raised {type(exc).__name__}: {exc}",
-            )
-        if not verdict:
-            return AttackOutcome(
-                attack=attack.name,
-                options=options,
-                status="not_applicable",
-                reason=verdict.reason,
-            )
-
-        start = time.perf_counter()
-        try:
-            result = attack.run(target)
-        except Exception as exc:
+        result = job.result
+        if result is None:
             logger.warning(
-                "fl-audit round %d %s: attack %s failed: %s: %s",
+                "fl-audit round %d %s: attack %s %s: %s",
                 server_round,
-                client,
+                prep.update.client,
                 attack.name,
-                type(exc).__name__,
-                exc,
+                job.status,
+                job.error,
             )
             return AttackOutcome(
                 attack=attack.name,
                 options=options,
                 status="failed",
-                reason=f"{type(exc).__name__}: {exc}",
-                elapsed_s=time.perf_counter() - start,
+                reason=job.error or "no result",
+                elapsed_s=round(job.elapsed_s, 6),
             )
 
         outcome = AttackOutcome.from_result(result, options)
         if not torch.isfinite(result.inputs).all():
             outcome.notes.append("some recovered values are NaN/Inf")
-        if truth is not None:
-            outcome.ground_truth = _score(result, truth, target.input_range)
+        if prep.truth is not None and prep.target is not None:
+            outcome.ground_truth = _score(result, prep.truth, prep.target.input_range)
         if self.config.save_reconstructions and result.num_recovered:
             try:
                 outcome.reconstruction_file = self.writer.save_reconstruction(
-                    server_round, client, result
+                    server_round, prep.update.client, result
                 )
             except OSError as exc:
                 outcome.notes.append(f"reconstructions not saved: {exc}")

@@ -27,7 +27,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -63,6 +63,7 @@ class AttackSpec(BaseModel):
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0.0)
 
     @field_validator("name")
     @classmethod
@@ -181,6 +182,33 @@ class AuditConfig(BaseModel):
         precedence. Needed by attacks that use a box constraint.
     num_classes:
         Number of classes of the task, when the model's output does not say.
+    backend:
+        Where attacks run: ``"inline"`` (in the server process, one after
+        another), ``"process"`` (``workers`` isolated child processes) or
+        ``"ray"`` (Ray tasks; extra ``fl-audit[simulation]``). See
+        :mod:`fl_audit.runtime`.
+    workers:
+        Attacks run at once by the process and Ray backends.
+    ray_address:
+        A running Ray cluster to use; default: the one Flower's simulation
+        started in this process, or a new local one.
+    background:
+        Audit rounds in a background thread so that ``aggregate_train``
+        returns without waiting (default: on for the process and Ray
+        backends, off inline). The run waits up to ``final_wait_s`` for
+        unfinished rounds when the strategy's ``start`` returns.
+    attack_timeout_s:
+        Cap on one attack's seconds (per attack: ``attacks[i].timeout_s``).
+        A capped attack runs in a child process, killed at the cap.
+    attack_memory_mb:
+        Cap on one attack's address space (``RLIMIT_AS``) in MiB; it
+        includes the 1-2 GiB torch maps at start, so set it well above.
+    round_budget_s:
+        Seconds the audit of one round may take; attacks not started when it
+        is spent are reported as not run.
+    capture_dir:
+        Also write every client update (with its metadata) here, owner-only,
+        for ``fl-audit replay``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -195,6 +223,22 @@ class AuditConfig(BaseModel):
     save_reconstructions: bool = True
     input_range: tuple[float, float] | None = None
     num_classes: int | None = Field(default=None, ge=2)
+    backend: Literal["inline", "process", "ray"] = "inline"
+    workers: int = Field(default=2, ge=1)
+    ray_address: str | None = None
+    background: bool | None = None
+    final_wait_s: float = Field(default=600.0, ge=0.0)
+    attack_timeout_s: float | None = Field(default=None, gt=0.0)
+    attack_memory_mb: int | None = Field(default=None, ge=64)
+    round_budget_s: float | None = Field(default=None, gt=0.0)
+    capture_dir: Path | None = None
+
+    @property
+    def runs_in_background(self) -> bool:
+        """Whether rounds are audited off the training thread."""
+        if self.background is None:
+            return self.backend != "inline"
+        return self.background
 
     @field_validator("attacks", mode="before")
     @classmethod

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import ClientUpdate, GroundTruth
 from fl_audit.config import AuditConfig
@@ -111,3 +115,52 @@ def aggregate_update(
         f"({', '.join(u.client for u in updates)}) audited as one aggregate"
     )
     return [merged], True, [note]
+
+
+class BackgroundAudits:
+    """Rounds audited on one background thread, in the order they came.
+
+    ``submit`` returns at once; ``wait`` blocks (bounded) until every round
+    submitted so far is reported. A round whose audit raises is logged; the
+    thread goes on with the next.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fl-audit-round")
+        self._futures: dict[int, Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, server_round: int, fn: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:
+                logger.exception(
+                    "fl-audit: the audit of round %d failed; training goes on",
+                    server_round,
+                )
+
+        with self._lock:
+            self._futures[server_round] = self._pool.submit(guarded)
+
+    def pending(self) -> list[int]:
+        """Rounds whose audit has not finished."""
+        with self._lock:
+            return sorted(r for r, f in self._futures.items() if not f.done())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every submitted round; False if some are still running."""
+        with self._lock:
+            futures = list(self._futures.values())
+        _, not_done = futures_wait(futures, timeout=timeout)
+        if not_done:
+            logger.warning(
+                "fl-audit: %d round(s) still being audited after %s s: %s",
+                len(not_done),
+                timeout,
+                self.pending(),
+            )
+        return not not_done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -53,7 +53,12 @@ from fl_audit.client import LEGACY_PREFIX, TRUTH_KEY
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
 from fl_audit.report import FailedReply, RoundReport
-from fl_audit.strategies._common import aggregate_update, load_config, truth_from_arrays
+from fl_audit.strategies._common import (
+    BackgroundAudits,
+    aggregate_update,
+    load_config,
+    truth_from_arrays,
+)
 
 __all__ = ["LegacyAuditStrategy"]
 
@@ -97,6 +102,7 @@ class LegacyAuditStrategy(Strategy):
             strategy_name=type(strategy).__name__,
         )
         self.reports: dict[int, RoundReport] = {}
+        self._background = BackgroundAudits() if cfg.runs_in_background else None
         self._global: dict[int, list[np.ndarray]] = {}
         self._fit_config: dict[int, dict[str, Any]] = {}
 
@@ -192,17 +198,32 @@ class LegacyAuditStrategy(Strategy):
         ]
         failed = [_failure(f) for f in failures]
         updates, aggregate_only, notes = aggregate_update(updates)
-        report = self.auditor.audit_round(
-            server_round,
-            global_state,
-            updates,
-            train_config=self._fit_config.get(server_round, {}),
-            failed=failed,
-            aggregate_only=aggregate_only,
-            started_at=started,
-            notes=notes,
-        )
-        self.reports[server_round] = report
+        train_config = self._fit_config.get(server_round, {})
+
+        def report() -> None:
+            self.reports[server_round] = self.auditor.audit_round(
+                server_round,
+                global_state,
+                updates,
+                train_config=train_config,
+                failed=failed,
+                aggregate_only=aggregate_only,
+                started_at=started,
+                notes=notes,
+            )
+
+        if self._background is None:
+            report()
+        else:
+            self._background.submit(server_round, report)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every round submitted so far is reported (bounded).
+
+        Call it when the legacy server loop returns; ``final_wait_s`` of the
+        config is a sensible bound.
+        """
+        return True if self._background is None else self._background.wait(timeout)
 
 
 def _take_audit_metrics(res: FitRes) -> dict[str, Any]:

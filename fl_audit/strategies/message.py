@@ -42,6 +42,7 @@ from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
 from fl_audit.report import FailedReply, RoundReport
 from fl_audit.strategies._common import (
+    BackgroundAudits,
     aggregate_update,
     load_config,
     truth_from_arrays,
@@ -117,6 +118,7 @@ class AuditStrategy(Strategy):
             strategy_name=type(strategy).__name__,
         )
         self.reports: dict[int, RoundReport] = {}
+        self._background = BackgroundAudits() if cfg.runs_in_background else None
         self._global: dict[int, dict[str, np.ndarray]] = {}
         self._train_config: dict[int, dict[str, Any]] = {}
 
@@ -163,6 +165,21 @@ class AuditStrategy(Strategy):
             )
         return aggregate
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """Run the rounds (Flower's loop), then wait for audits still running.
+
+        With a background audit the wait is bounded by ``final_wait_s``;
+        rounds still unfinished then are logged and their reports missing.
+        """
+        try:
+            return super().start(grid, initial_arrays, *args, **kwargs)
+        finally:
+            self.wait(self.config.final_wait_s)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every round submitted so far is reported (bounded)."""
+        return True if self._background is None else self._background.wait(timeout)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -204,17 +221,23 @@ class AuditStrategy(Strategy):
             updates.append(_update(msg, node, meta_raw, truth_raw))
 
         updates, aggregate_only, notes = aggregate_update(updates)
-        report = self.auditor.audit_round(
-            server_round,
-            global_state,
-            updates,
-            train_config=train_config,
-            failed=failed,
-            aggregate_only=aggregate_only,
-            started_at=started,
-            notes=notes,
-        )
-        self.reports[server_round] = report
+
+        def report() -> None:
+            self.reports[server_round] = self.auditor.audit_round(
+                server_round,
+                global_state,
+                updates,
+                train_config=train_config,
+                failed=failed,
+                aggregate_only=aggregate_only,
+                started_at=started,
+                notes=notes,
+            )
+
+        if self._background is None:
+            report()
+        else:
+            self._background.submit(server_round, report)
 
 
 def _take_audit_records(msg: Message) -> tuple[Any, Any]:

@@ -1,0 +1,367 @@
+"""Where and how attacks run: inline, in isolated processes, or on Ray.
+
+An attack on one client's update is an :class:`AttackJob`. A
+:class:`JobRunner` runs a round's jobs and returns one :class:`JobOutcome`
+per job, in order; nothing it runs can raise into the audit:
+
+``InlineRunner`` (backend ``"inline"``, the default)
+    One job after another in this process. With a time or memory cap set
+    (``attack_timeout_s``, ``attack_memory_mb``) each job runs in a child
+    process instead, killed when it passes its cap.
+``ProcessRunner`` (backend ``"process"``)
+    Up to ``workers`` jobs at once, each in its own child process (started
+    by a fork server, so the parent's threads are never forked), with the
+    same caps. Child processes run at a lower CPU priority than training.
+``RayRunner`` (backend ``"ray"``, extra ``fl-audit[simulation]``)
+    Jobs as Ray tasks, on the cluster Flower's simulation already started,
+    on one at ``ray_address``, or on a local one. A task past its cap is
+    cancelled.
+
+An attack that raises, returns NaN, runs past its cap, exhausts its memory
+cap or kills its process gives a :class:`JobOutcome` whose ``error`` says
+which; the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fl_audit._logging import logger
+from fl_audit.attacks.base import Attack
+from fl_audit.core import AttackResult, AttackTarget
+
+__all__ = [
+    "AttackJob",
+    "InlineRunner",
+    "JobOutcome",
+    "JobRunner",
+    "ProcessRunner",
+    "RayRunner",
+    "make_runner",
+    "run_in_process",
+    "run_isolated",
+]
+
+_CHILD_NICENESS = 10
+
+
+@dataclass
+class AttackJob:
+    """One attack on one client's update."""
+
+    attack: Attack
+    target: AttackTarget
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    label: str = ""
+
+
+@dataclass
+class JobOutcome:
+    """What became of a job: a result, or the reason there is none."""
+
+    result: AttackResult | None
+    error: str | None
+    elapsed_s: float
+    status: str = "completed"  # completed | failed | timeout | skipped
+
+    @classmethod
+    def failed(cls, error: str, elapsed: float, status: str = "failed") -> JobOutcome:
+        return cls(None, error, elapsed, status)
+
+
+def run_in_process(job: AttackJob) -> JobOutcome:
+    """Run the attack here; exceptions become outcomes. Caps are not enforced."""
+    start = time.perf_counter()
+    try:
+        result = job.attack.run(job.target)
+    except MemoryError:
+        return JobOutcome.failed("ran out of memory (MemoryError)", _since(start))
+    except Exception as exc:
+        return JobOutcome.failed(f"{type(exc).__name__}: {exc}", _since(start))
+    elapsed = _since(start)
+    if job.timeout_s is not None and elapsed > job.timeout_s:
+        logger.warning(
+            "fl-audit: %s took %.1f s, past its %.1f s cap (inline, not interrupted)",
+            job.label or job.attack.name,
+            elapsed,
+            job.timeout_s,
+        )
+    return JobOutcome(result, None, elapsed)
+
+
+def _child(conn: Connection, payload: bytes) -> None:
+    """Body of an isolated attack process: run, send the outcome, exit.
+
+    Job and outcome travel as plain pickles: torch's multiprocessing
+    reducers would share tensors through file descriptors that vanish with
+    this process.
+    """
+    try:
+        os.nice(_CHILD_NICENESS)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        job: AttackJob = pickle.loads(payload)
+        if job.memory_mb is not None:
+            import resource
+
+            limit = int(job.memory_mb) * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        outcome = run_in_process(job)
+    except BaseException as exc:  # even a failing import must be reported
+        outcome = JobOutcome.failed(
+            f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", 0.0
+        )
+    try:
+        conn.send_bytes(pickle.dumps(outcome))
+    except Exception as exc:  # e.g. an unpicklable result
+        failed = JobOutcome.failed(f"result could not be sent back: {exc}", 0.0)
+        conn.send_bytes(pickle.dumps(failed))
+    finally:
+        conn.close()
+
+
+_CONTEXT_LOCK = threading.Lock()
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """A fork-server context: children fork from a clean server process."""
+    global _CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            method = (
+                "forkserver"
+                if "forkserver" in multiprocessing.get_all_start_methods()
+                else "spawn"
+            )
+            ctx = multiprocessing.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(["torch", "fl_audit.attacks"])
+            _CONTEXT = ctx
+        return _CONTEXT
+
+
+def run_isolated(job: AttackJob) -> JobOutcome:
+    """Run the attack in a child process, killed past ``job.timeout_s``."""
+    start = time.perf_counter()
+    ctx = _context()
+    parent, child = ctx.Pipe(duplex=False)
+    try:
+        payload = pickle.dumps(job)
+    except Exception as exc:
+        return JobOutcome.failed(
+            f"the attack or its target cannot be sent to a process: {exc}",
+            _since(start),
+        )
+    proc = ctx.Process(target=_child, args=(child, payload), daemon=True)
+    try:
+        proc.start()
+    except Exception as exc:
+        return JobOutcome.failed(f"could not start a process: {exc}", _since(start))
+    child.close()
+    try:
+        ready = parent.poll(job.timeout_s)
+        if ready:
+            try:
+                outcome: JobOutcome = pickle.loads(parent.recv_bytes())
+            except EOFError:
+                outcome = _crashed(proc, start)
+            proc.join(5.0)
+            return outcome
+        proc.kill()
+        proc.join(5.0)
+        return JobOutcome.failed(
+            f"stopped after {job.timeout_s:g} s (attack_timeout_s)",
+            _since(start),
+            status="timeout",
+        )
+    finally:
+        parent.close()
+        if proc.is_alive():
+            proc.kill()
+
+
+def _crashed(proc: Any, start: float) -> JobOutcome:
+    proc.join(5.0)
+    code = proc.exitcode
+    reason = (
+        f"the attack's process was killed by signal {-code}"
+        if code is not None and code < 0
+        else f"the attack's process exited with code {code}"
+    )
+    return JobOutcome.failed(reason + " (out of memory?)", _since(start))
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+class JobRunner(ABC):
+    """Runs a round's attack jobs; one outcome per job, in order."""
+
+    name = ""
+
+    @abstractmethod
+    def run(
+        self, jobs: Sequence[AttackJob], deadline: float | None = None
+    ) -> list[JobOutcome]:
+        """Run ``jobs``; those not started by ``deadline`` (perf_counter) are skipped."""
+
+    def close(self) -> None:
+        """Release workers (nothing by default)."""
+
+
+def _skipped(deadline_note: str = "") -> JobOutcome:
+    return JobOutcome.failed(
+        "not run: the round's audit budget (round_budget_s) was spent" + deadline_note,
+        0.0,
+        status="skipped",
+    )
+
+
+def _cap(job: AttackJob, deadline: float | None) -> AttackJob:
+    """The job with its time cap cut to what is left of the round's budget."""
+    if deadline is None:
+        return job
+    left = max(0.0, deadline - time.perf_counter())
+    cap = left if job.timeout_s is None else min(job.timeout_s, left)
+    return AttackJob(job.attack, job.target, cap, job.memory_mb, job.label)
+
+
+class InlineRunner(JobRunner):
+    """One job after another; isolated in a child process when capped."""
+
+    name = "inline"
+
+    def __init__(self, isolate: bool = False) -> None:
+        self.isolate = isolate
+
+    def run(
+        self, jobs: Sequence[AttackJob], deadline: float | None = None
+    ) -> list[JobOutcome]:
+        outcomes = []
+        for job in jobs:
+            if deadline is not None and time.perf_counter() >= deadline:
+                outcomes.append(_skipped())
+                continue
+            capped = _cap(job, deadline)
+            isolated = self.isolate or capped.timeout_s is not None or job.memory_mb
+            outcomes.append(run_isolated(capped) if isolated else run_in_process(job))
+        return outcomes
+
+
+class ProcessRunner(JobRunner):
+    """Up to ``workers`` isolated child processes at once."""
+
+    name = "process"
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, int(workers))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fl-audit")
+
+    def run(
+        self, jobs: Sequence[AttackJob], deadline: float | None = None
+    ) -> list[JobOutcome]:
+        def one(job: AttackJob) -> JobOutcome:
+            if deadline is not None and time.perf_counter() >= deadline:
+                return _skipped()
+            return run_isolated(_cap(job, deadline))
+
+        return list(self._pool.map(one, jobs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ray_task(job: AttackJob) -> JobOutcome:
+    if job.memory_mb is not None:
+        import resource
+
+        limit = int(job.memory_mb) * 2**20
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            return run_in_process(job)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return run_in_process(job)
+
+
+class RayRunner(JobRunner):
+    """Jobs as Ray tasks, at most ``workers`` in flight."""
+
+    name = "ray"
+
+    def __init__(self, workers: int, address: str | None = None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self._ray = ray
+        self._task = ray.remote(max_retries=0, num_cpus=1)(_ray_task)
+        self.workers = max(1, int(workers))
+
+    def run(
+        self, jobs: Sequence[AttackJob], deadline: float | None = None
+    ) -> list[JobOutcome]:
+        ray = self._ray
+        outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        for first in range(0, len(jobs), self.workers):
+            batch = list(enumerate(jobs))[first : first + self.workers]
+            started = time.perf_counter()
+            refs = {}
+            for i, job in batch:
+                if deadline is not None and started >= deadline:
+                    outcomes[i] = _skipped()
+                else:
+                    refs[i] = (self._task.remote(_cap(job, None)), _cap(job, deadline))
+            for i, (ref, job) in refs.items():
+                wait = None
+                if job.timeout_s is not None:
+                    wait = max(0.0, job.timeout_s - (time.perf_counter() - started))
+                try:
+                    outcomes[i] = ray.get(ref, timeout=wait)
+                except ray.exceptions.GetTimeoutError:
+                    ray.cancel(ref, force=True)
+                    outcomes[i] = JobOutcome.failed(
+                        f"stopped after {job.timeout_s:g} s (attack_timeout_s)",
+                        _since(started),
+                        status="timeout",
+                    )
+                except Exception as exc:  # worker died, OOM-killed, ...
+                    outcomes[i] = JobOutcome.failed(
+                        f"the Ray task failed: {type(exc).__name__}: {exc}",
+                        _since(started),
+                    )
+        return [o if o is not None else _skipped() for o in outcomes]
+
+
+def make_runner(
+    backend: str,
+    *,
+    workers: int = 2,
+    ray_address: str | None = None,
+    isolate: bool = False,
+) -> JobRunner:
+    """The runner for a config's ``backend``."""
+    if backend == "process":
+        return ProcessRunner(workers)
+    if backend == "ray":
+        return RayRunner(workers, ray_address)
+    return InlineRunner(isolate=isolate)
