@@ -154,9 +154,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(
-        "| clients' round | clients | training s | FedAvg s | FedAvg+audit s | round ratio | certified |"
+    columns = (
+        "clients' round",
+        "clients",
+        "training s",
+        "FedAvg s",
+        "FedAvg+audit s",
+        "round ratio",
+        "certified",
     )
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|")
     for batch, steps in ((1, 1), (8, 1), (8, 4), (32, 4)):
         scenario(batch, steps, args.rounds)

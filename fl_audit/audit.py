@@ -643,6 +643,7 @@ def _counts(meta: ClientMetadata, kind: UpdateKind) -> tuple[int | None, int | N
         batch = n  # the only batch is smaller than the configured size
     if steps is None or steps == 1:
         return batch, None
+    examples: int | None
     if batch is not None:
         examples = batch * steps if not n else min(n, batch * steps)
     else:

@@ -194,5 +194,6 @@ def _legacy_value(value: Any) -> Any:
 
 def _npz_bytes(record: ArrayRecord) -> bytes:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: v.numpy() for k, v in record.items()})
+    arrays = {k: v.numpy() for k, v in record.items()}
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()

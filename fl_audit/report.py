@@ -294,7 +294,7 @@ class ReportWriter:
     def save_reconstruction(
         self, server_round: int, client: str, result: AttackResult
     ) -> str:
-        """Write one attack's recovered inputs; return the path relative to the folder."""
+        """Write one attack's recovered inputs; return their path in the folder."""
         folder = self.output_dir / f"round-{server_round:04d}"
         folder.mkdir(exist_ok=True)
         name = f"{_safe(client)}.{_safe(result.attack)}.npz"

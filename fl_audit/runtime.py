@@ -24,6 +24,7 @@ which; the other jobs go on.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -108,10 +109,8 @@ def _child(conn: Connection, payload: bytes) -> None:
     reducers would share tensors through file descriptors that vanish with
     this process.
     """
-    try:
+    with contextlib.suppress(OSError):
         os.nice(_CHILD_NICENESS)
-    except OSError:
-        pass
     try:
         import torch
 
@@ -221,9 +220,12 @@ class JobRunner(ABC):
     def run(
         self, jobs: Sequence[AttackJob], deadline: float | None = None
     ) -> list[JobOutcome]:
-        """Run ``jobs``; those not started by ``deadline`` (perf_counter) are skipped."""
+        """Run ``jobs``; those not started by ``deadline`` are skipped.
 
-    def close(self) -> None:
+        ``deadline`` is a ``time.perf_counter()`` value.
+        """
+
+    def close(self) -> None:  # noqa: B027  (optional hook, a no-op by default)
         """Release workers (nothing by default)."""
 
 

@@ -8,8 +8,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from fl_audit.report import RoundReport, RunSummary
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "federated-hospitals"
