@@ -74,12 +74,17 @@ class MatchingProblem:
     ----------
     target:
         The attacked target; its model is deep-copied, put in eval mode and
-        cast to the dtype of the observed gradient (at least float32).
+        cast to ``dtype``.
+    dtype:
+        Precision of the matching; ``None``: that of the observed gradient
+        (at least float32).
     """
 
-    def __init__(self, target: AttackTarget) -> None:
+    def __init__(self, target: AttackTarget, dtype: torch.dtype | None = None) -> None:
         first = next(iter(target.gradients.values()))
-        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if dtype is None:
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.dtype = dtype
         self.model = copy.deepcopy(target.model).to(self.dtype).eval()
         self.names = [n for n, p in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]

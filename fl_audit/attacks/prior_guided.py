@@ -94,12 +94,15 @@ class PriorGuidedReconstruction(Attack):
         (for the ``"mean"`` initialisation).
     tv_weight:
         Weight of the total-variation prior (images) relative to the
-        normalised distance, which starts near 1.
+        current gradient distance: the prior's weight is rescaled to
+        ``tv_weight * distance`` after every step, so it shapes the answer
+        at every scale without dominating it.
     smooth_weight:
         Weight of the second-difference prior (1-D signals ``(C, L)``).
     box:
-        Keep inputs inside ``AttackTarget.input_range`` (a penalty during
-        the line search, a projection after each step).
+        Keep inputs inside ``AttackTarget.input_range``: a quadratic
+        penalty outside it while optimising (clamping each step was
+        measured to stall L-BFGS), a clamp of the answer.
     distance:
         ``"l2"`` (squared, divided by the observed squared norm) or
         ``"cosine"`` (mean of ``1 - cos`` per parameter tensor).
@@ -115,6 +118,10 @@ class PriorGuidedReconstruction(Attack):
     patience:
         Stop a trial when its objective has not improved by 0.1 % in this
         many iterations.
+    precision:
+        ``"float64"``: match in double precision whatever the client's
+        dtype (needed on models with PyTorch's default initialisation, see
+        Notes); ``"gradient"``: in the observed gradient's dtype.
     seed:
         Seed of the random initialisations.
     progress:
@@ -126,6 +133,15 @@ class PriorGuidedReconstruction(Attack):
 
     Notes
     -----
+    With PyTorch's default initialisation (weights of order
+    ``1/sqrt(fan_in)``) a sigmoid network runs in its near-linear regime:
+    the gradient depends on many input directions only weakly, the
+    matching problem is ill-conditioned, and in float32 the rounding floor
+    of the double backward (a relative residual near 1e-5) is reached
+    before those directions are resolved. Matching in float64 and a prior
+    that keeps its weight relative to the current distance fix it; it is
+    slower to converge than on DLG's large-weight initialisation.
+
     Priors and the box need ``AttackTarget.input_range``; without it the
     box is off and uniform initialisations draw from [0, 1] (noted in the
     result). The analytic start through a convolutional stack is a feature
@@ -151,14 +167,19 @@ class PriorGuidedReconstruction(Attack):
         distance: str = "l2",
         optimizer: str = "lbfgs",
         lr: float | None = None,
-        accept_residual: float = 1e-3,
+        accept_residual: float = 1e-5,
         tolerance: float = 1e-12,
         patience: int = 100,
+        precision: str = "float64",
         seed: int = 0,
         progress: bool | None = None,
         callback: Callback | None = None,
     ) -> None:
         problems: list[str] = []
+        if precision not in ("float64", "gradient"):
+            problems.append(
+                f"precision must be 'float64' or 'gradient', got {precision!r}"
+            )
         check_budget(problems, time_budget_s, max_iterations)
         if labels not in _LABEL_MODES:
             problems.append(f"labels must be one of {_LABEL_MODES}, got {labels!r}")
@@ -221,6 +242,7 @@ class PriorGuidedReconstruction(Attack):
         self.accept_residual = float(accept_residual)
         self.tolerance = float(tolerance)
         self.patience = patience
+        self.precision = precision
         self.seed = seed
         self.progress = progress
         self.callback = callback
@@ -253,7 +275,9 @@ class PriorGuidedReconstruction(Attack):
             If ``reference`` does not have the target's input shape.
         """
         budget = Budget(self.time_budget_s, self.max_iterations)
-        problem = MatchingProblem(target)
+        problem = MatchingProblem(
+            target, torch.float64 if self.precision == "float64" else None
+        )
         batch = batch_size_of(target)
         notes: list[str] = []
         if self.reference is not None and tuple(self.reference.shape[1:]) != tuple(
@@ -527,11 +551,11 @@ class PriorGuidedReconstruction(Attack):
                 min_improvement=1e-3,
                 tolerance=1e-10,
                 explode_factor=1e6,
-                project=project,
             )
         except Diverged as exc:
             notes.append(f"feature-inversion start diverged ({exc}): uniform start")
             return None
+        project()
         path = wname.rsplit(".", 1)[0]
         notes.append(f"analytic start: inverted the input of linear layer {path!r}")
         return x.detach()
@@ -586,7 +610,11 @@ class PriorGuidedReconstruction(Attack):
                 with torch.no_grad():
                     x.clamp_(lo, hi)
 
+        # The prior's weight follows the distance reached (see tv_weight).
+        scale = [1.0]
+
         def on_step(n: int, value: float, best: list[torch.Tensor]) -> None:
+            scale[0] = max(value, 1e-300)
             bar.update(n, value)  # type: ignore[attr-defined]
             if self.callback is not None:
                 self.callback(best[0].detach().clone(), value, budget.elapsed)
@@ -604,7 +632,7 @@ class PriorGuidedReconstruction(Attack):
                 if use_box:
                     value = value + self._box_penalty(x, box)
                 if with_prior:
-                    value = value + self._prior(x, target)
+                    value = value + scale[0] * self._prior(x, target)
                 return value
 
             outcome = run_trial(
@@ -620,7 +648,6 @@ class PriorGuidedReconstruction(Attack):
                 min_improvement=1e-3,
                 tolerance=self.tolerance,
                 explode_factor=1e4,
-                project=project,
                 on_step=on_step,
             )
             stopped = outcome.stopped
