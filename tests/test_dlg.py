@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
+
 from fl_audit.attacks import AttackTarget, DLGBaseline, get_attack
 from fl_audit.data import Samples
 from fl_audit.errors import InvalidInputError

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
 from torch import nn
 
-from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
 from fl_audit.attacks import (
     AttackTarget,
     PriorGuidedReconstruction,

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional
 
 from fl_audit.core import AttackTarget
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
@@ -133,10 +133,12 @@ class MatchingProblem:
         """
         out = self.model(x)  # (B, C)
         if labels.is_floating_point():
-            loss = -(F.softmax(labels, dim=-1) * F.log_softmax(out, dim=-1))
+            loss = -(
+                functional.softmax(labels, dim=-1) * functional.log_softmax(out, dim=-1)
+            )
             loss = loss.sum(dim=-1).mean()
         else:
-            loss = F.cross_entropy(out, labels)
+            loss = functional.cross_entropy(out, labels)
         grads = torch.autograd.grad(
             loss, self.params, create_graph=create_graph, allow_unused=True
         )
@@ -254,7 +256,9 @@ def infer_labels(
     gen = torch.Generator().manual_seed(0)
     noise = torch.rand(16, *problem.input_shape, generator=gen, dtype=problem.dtype)
     with torch.no_grad():
-        p_bar = F.softmax(problem.model(noise), dim=-1).mean(dim=0).double()  # (C,)
+        p_bar = (
+            functional.softmax(problem.model(noise), dim=-1).mean(dim=0).double()
+        )  # (C,)
     est = (batch_size * (p_bar - g)).clamp(min=0.0)  # (C,)
     present = g < 0
     counts = torch.zeros_like(est, dtype=torch.long)

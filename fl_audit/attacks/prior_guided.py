@@ -465,11 +465,11 @@ class PriorGuidedReconstruction(Attack):
             x0 = uniform.clone()
             x0[: found.shape[0]] = found.reshape(-1, *target.input_shape)
             return x0
-        x0 = self._feature_start(problem, target, batch, uniform, budget, box, notes)
-        if x0 is None:
+        start = self._feature_start(problem, target, batch, uniform, budget, box, notes)
+        if start is None:
             notes.append("no analytic start for this model: uniform start instead")
             return uniform
-        return x0
+        return start
 
     def _feature_start(
         self,
@@ -527,6 +527,7 @@ class PriorGuidedReconstruction(Attack):
             if u_star is not None:
                 fit = ((u[0] - u_star) ** 2).sum() / (u_star @ u_star + 1e-30)
             else:
+                assert basis is not None
                 aug = torch.cat([u, torch.ones(batch, 1, dtype=u.dtype)], dim=1)
                 proj = (aug @ basis.T) @ basis  # (B, m + 1)
                 fit = (((aug - proj) ** 2).sum(dim=1) / (aug * aug).sum(dim=1)).mean()
