@@ -3,6 +3,8 @@ attacks fl-audit ships. Nothing here imports Flower."""
 
 from fl_audit.attacks.analytic_fc import AnalyticFCInversion
 from fl_audit.attacks.base import Applicability, Attack
+from fl_audit.attacks.dlg import DLGBaseline
+from fl_audit.attacks.prior_guided import PriorGuidedReconstruction
 from fl_audit.attacks.registry import (
     available_attacks,
     create_attack,
@@ -17,6 +19,8 @@ __all__ = [
     "Attack",
     "AttackResult",
     "AttackTarget",
+    "DLGBaseline",
+    "PriorGuidedReconstruction",
     "available_attacks",
     "create_attack",
     "get_attack",

@@ -1,0 +1,85 @@
+"""DLGBaseline: the plain reference method, on real digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
+
+from fl_audit.attacks import AttackTarget, DLGBaseline, get_attack
+from fl_audit.data import Samples
+from fl_audit.errors import InvalidInputError
+from fl_audit.metrics import match_inputs
+
+
+def _target(digits: Samples, i: int) -> tuple[AttackTarget, torch.Tensor, int]:
+    assert digits.labels is not None
+    x, y = digits.inputs[i : i + 1], digits.labels[i : i + 1]
+    model = dlg_init(SmallSigmoidCNN(1, 8), i)
+    return (
+        AttackTarget.from_gradients(model, gradients(model, x, y), (1, 8, 8)),
+        x,
+        int(y),
+    )
+
+
+def test_registered_under_dlg() -> None:
+    assert get_attack("dlg") is DLGBaseline
+
+
+def test_dlg_with_line_search_recovers_a_digit(digits: Samples) -> None:
+    # Arrange
+    target, x, y = _target(digits, 1)
+    # Act
+    result = DLGBaseline(
+        line_search=True,
+        max_iterations=2000,
+        time_budget_s=None,
+        patience=60,
+        progress=False,
+    ).run(target)
+    # Assert: the image and the soft label's argmax
+    assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 30.0
+    assert result.labels is not None and int(result.labels[0]) == y
+    assert result.residual is not None and result.residual < 1e-3
+
+
+def test_budgets_are_respected(digits: Samples) -> None:
+    # Arrange
+    target, _, _ = _target(digits, 2)
+    steps: list[float] = []
+    # Act
+    timed = DLGBaseline(time_budget_s=0.3, max_iterations=None, progress=False).run(
+        target
+    )
+    DLGBaseline(
+        max_iterations=40,
+        time_budget_s=None,
+        progress=False,
+        callback=lambda x, v, t: steps.append(t),
+    ).run(target)
+    # Assert: 40 iterations are at most 2 steps of 20
+    assert timed.elapsed_s < 1.0
+    assert 1 <= len(steps) <= 2
+
+
+def test_a_diverging_run_is_reported_not_raised(digits: Samples) -> None:
+    # Arrange: a huge step without line search overflows quickly
+    target, _, _ = _target(digits, 3)
+    # Act
+    result = DLGBaseline(lr=1e30, time_budget_s=2, progress=False).run(target)
+    # Assert
+    assert result.residual is not None
+    assert torch.isfinite(result.inputs).all()
+    assert any("stopped" in n for n in result.notes)
+    assert math.isfinite(result.residual) or result.residual == math.inf
+
+
+@pytest.mark.parametrize(
+    "options", [{"lr": 0}, {"max_iterations": -3}, {"patience": 0}, {"tolerance": -1}]
+)
+def test_bad_options_are_refused(options: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        DLGBaseline(**options)
