@@ -20,9 +20,10 @@ Per client the auditor
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +62,8 @@ __all__ = [
     "Auditor",
     "ClientUpdate",
     "GroundTruth",
+    "LazyArrays",
+    "fingerprint_of",
     "client_key",
     "match_state",
     "parse_metadata",
@@ -76,6 +79,41 @@ class GroundTruth:
 
     inputs: torch.Tensor  # (n, *input_shape)
     labels: torch.Tensor | None = None  # (n,)
+
+
+class LazyArrays(Mapping[str, np.ndarray]):
+    """Arrays read only when looked up, e.g. from a reply's serialised record.
+
+    The audit of a round holds the replies' own bytes, not decoded copies,
+    until a client's turn comes; ``fingerprint`` identifies the content
+    without decoding it.
+    """
+
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[], np.ndarray]],
+        fingerprint: str,
+    ) -> None:
+        self._loaders = dict(loaders)
+        self.fingerprint = fingerprint
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._loaders[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+def fingerprint_of(chunks: Iterable[bytes]) -> str:
+    """A digest of serialised arrays, for telling identical updates apart."""
+    digest = hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        digest.update(len(chunk).to_bytes(8, "little"))
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
-from fl_audit.audit import ClientUpdate, GroundTruth
+from fl_audit.audit import ClientUpdate, GroundTruth, LazyArrays, fingerprint_of
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
 from fl_audit.report import ClientMetadata
@@ -87,14 +87,10 @@ def aggregate_update(
     """
     if len(updates) < 2 or not all(u.client_state for u in updates):
         return updates, False, []
-    first = updates[0].client_state
-    same = all(
-        u.client_state.keys() == first.keys()
-        and all(np.array_equal(u.client_state[k], first[k]) for k in first)
-        for u in updates[1:]
-    )
-    if not same:
+    prints = {_fingerprint(u.client_state) for u in updates}
+    if len(prints) != 1:
         return updates, False, []
+    first = updates[0].client_state
 
     examples = [u.metadata.num_examples for u in updates]
     total = sum(e for e in examples if e) if all(examples) else None
@@ -115,6 +111,14 @@ def aggregate_update(
         f"({', '.join(u.client for u in updates)}) audited as one aggregate"
     )
     return [merged], True, [note]
+
+
+def _fingerprint(state: Mapping[str, np.ndarray]) -> str:
+    if isinstance(state, LazyArrays):
+        return state.fingerprint
+    return fingerprint_of(
+        k.encode() + np.ascontiguousarray(v).tobytes() for k, v in state.items()
+    )
 
 
 class BackgroundAudits:

@@ -19,6 +19,7 @@ audit then attacks the aggregate once and the report says
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
@@ -46,7 +48,9 @@ from fl_audit.audit import (
     Auditor,
     ClientUpdate,
     GroundTruth,
+    LazyArrays,
     client_key,
+    fingerprint_of,
     parse_metadata,
 )
 from fl_audit.client import LEGACY_PREFIX, TRUTH_KEY
@@ -255,11 +259,11 @@ def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUp
     if metadata.num_examples is None and res.num_examples:
         metadata = metadata.model_copy(update={"num_examples": int(res.num_examples)})
 
-    try:
-        arrays = parameters_to_ndarrays(res.parameters)
-    except Exception as exc:
-        arrays = []
-        notes.append(f"the result's parameters cannot be read: {exc}")
+    tensors = list(res.parameters.tensors)
+    state = LazyArrays(
+        {str(i): functools.partial(bytes_to_ndarray, t) for i, t in enumerate(tensors)},
+        fingerprint_of(str(i).encode() + t for i, t in enumerate(tensors)),
+    )
 
     truth: GroundTruth | None = None
     if isinstance(raw_truth, bytes):
@@ -272,7 +276,7 @@ def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUp
     return ClientUpdate(
         client=client_key(metadata.partition_id, node),
         node_id=node,
-        client_state={str(i): a for i, a in enumerate(arrays)},
+        client_state=state,
         metadata=metadata,
         metadata_from_client=bool(meta_raw),
         ground_truth=truth,

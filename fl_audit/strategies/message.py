@@ -17,13 +17,14 @@ can fail the round; a broken audit is logged and training goes on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -34,7 +35,9 @@ from fl_audit.audit import (
     Auditor,
     ClientUpdate,
     GroundTruth,
+    LazyArrays,
     client_key,
+    fingerprint_of,
     parse_metadata,
 )
 from fl_audit.client import META_KEY, TRUTH_KEY
@@ -254,6 +257,19 @@ def _take_audit_records(msg: Message) -> tuple[Any, Any]:
     return meta, truth
 
 
+def _lazy(record: ArrayRecord) -> LazyArrays:
+    """The record's arrays, decoded only when the client's audit needs them."""
+    arrays = dict(record.items())
+    return LazyArrays(
+        {k: functools.partial(_decode, a) for k, a in arrays.items()},
+        fingerprint_of(k.encode() + a.data for k, a in arrays.items()),
+    )
+
+
+def _decode(array: Array) -> np.ndarray:
+    return array.numpy()
+
+
 def _node_id(msg: Message) -> int | None:
     try:
         return int(msg.metadata.src_node_id)
@@ -279,15 +295,14 @@ def _update(
                 break
 
     records = list(msg.content.array_records.items())
-    state: dict[str, np.ndarray] = {}
-    if len(records) == 1:
-        state = {k: v.numpy() for k, v in records[0][1].items()}
-    elif records:
+    state: Mapping[str, np.ndarray] = {}
+    if len(records) > 1:
         notes.append(
             f"the reply holds {len(records)} ArrayRecords {[k for k, _ in records]}; "
             f"the first, {records[0][0]!r}, is audited"
         )
-        state = {k: v.numpy() for k, v in records[0][1].items()}
+    if records:
+        state = _lazy(records[0][1])
     else:
         notes.append("the reply holds no ArrayRecord: there is no update to audit")
 
