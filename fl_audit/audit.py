@@ -49,6 +49,7 @@ from fl_audit.report import (
     ClientMetadata,
     FailedReply,
     GroundTruthScore,
+    PrivacySettings,
     ReportWriter,
     RoundReport,
     RunSettings,
@@ -225,6 +226,8 @@ class _Prepared:
     truth: GroundTruth | None
     notes: list[str]
     start: float
+    update_norm: float | None = None
+    noise_to_update: float | None = None
 
 
 def _applicability(
@@ -249,6 +252,12 @@ def _applicability(
             reason=verdict.reason,
         )
     return None
+
+
+def _update_norm(target: AttackTarget) -> float | None:
+    """L2 norm of ``global - client`` (the pseudo-gradient times ``lr``)."""
+    total = sum(float(g.double().pow(2).sum()) for g in target.gradients.values())
+    return math.sqrt(total) * (target.lr or 1.0)
 
 
 def _consistency(meta: ClientMetadata, outcomes: Sequence[AttackOutcome]) -> list[str]:
@@ -317,6 +326,14 @@ class Auditor:
             config.backend, workers=config.workers, ray_address=config.ray_address
         )
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
+        self.privacy: PrivacySettings | None = config.privacy
+        self._offset = self.writer.offset
+        if self._offset:
+            logger.info(
+                "fl-audit: %s already holds %d round(s); this run continues after them",
+                config.output_dir,
+                self._offset,
+            )
 
     def settings(self, train_config: Mapping[str, Any] | None = None) -> RunSettings:
         return RunSettings(
@@ -331,6 +348,7 @@ class Auditor:
             simulation=self.config.simulation,
             allow_ground_truth=self.config.allow_ground_truth,
             train_config=dumps_scalar_config(dict(train_config or {})),
+            privacy=self.privacy,
         )
 
     # --------------------------------------------------------------- a round
@@ -390,8 +408,16 @@ class Auditor:
                 train_config,
                 deadline,
             )
+        index = self._offset + server_round
+        if self._offset:
+            notes = [
+                *notes,
+                f"Flower's round {server_round}: this run continues after the "
+                f"{self._offset} round(s) already in this folder",
+            ]
         report = RoundReport(
-            round=server_round,
+            round=index,
+            server_round=server_round if self._offset else None,
             started_at=started_at,
             finished_at=datetime.now(UTC),
             settings=self.settings(train_config),
@@ -474,6 +500,8 @@ class Auditor:
                 prep.truth is not None and prep.target is not None,
                 time.perf_counter() - prep.start,
             )
+            audit.update_norm = prep.update_norm
+            audit.noise_to_update = prep.noise_to_update
             _log_client(server_round, audit)
             audits.append(audit)
         return audits
@@ -515,7 +543,30 @@ class Auditor:
             notes.append(f"the update cannot be audited: {exc}")
             return _Prepared(update, None, None, truth, notes, start)
         capacity = self._capacity(server_round, target.model, meta, update.kind, notes)
-        return _Prepared(update, target, capacity, truth, notes, start)
+        prep = _Prepared(update, target, capacity, truth, notes, start)
+        prep.update_norm = _update_norm(target)
+        prep.noise_to_update = self._noise(prep.update_norm, target, notes)
+        return prep
+
+    def _noise(
+        self, norm: float | None, target: AttackTarget, notes: list[str]
+    ) -> float | None:
+        """Noise over update norm under local DP; a note under central DP."""
+        dp = self.privacy
+        if dp is None:
+            return None
+        if dp.noise_on == "aggregate":
+            notes.append(
+                f"differential privacy ({dp.mechanism}, noise multiplier "
+                f"{dp.noise_multiplier:g}, clipping {dp.clipping_norm:g}) adds its "
+                "noise to the aggregate: the audit, like the server, sees this "
+                "update before any noise"
+            )
+            return None
+        if not norm:
+            return None
+        size = sum(g.numel() for g in target.gradients.values())
+        return float(dp.noise_std * math.sqrt(size) / norm)
 
     def _timeout(self, attack: Attack) -> float | None:
         for spec in self.config.attacks:
@@ -604,7 +655,7 @@ class Auditor:
         if self.config.save_reconstructions and result.num_recovered:
             try:
                 outcome.reconstruction_file = self.writer.save_reconstruction(
-                    server_round, prep.update.client, result
+                    self._offset + server_round, prep.update.client, result
                 )
             except OSError as exc:
                 outcome.notes.append(f"reconstructions not saved: {exc}")

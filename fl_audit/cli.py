@@ -12,6 +12,8 @@ Usage::
 
     fl-audit bounds --model mypkg.models:make_cnn --input-shape 1,28,28 \\
         --batch-size 32 [--local-examples 500] [--json]
+    fl-audit replay CAPTURE_DIR --model mypkg.models:make_cnn \\
+        [--config audit.yaml] [--output DIR]
 """
 
 from __future__ import annotations
@@ -197,6 +199,66 @@ def _or_dash(value: object) -> str:
 
 
 # --------------------------------------------------------------------------
+# fl-audit replay
+
+
+def _add_replay(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "replay",
+        help="audit client updates captured during a run (capture_dir)",
+        description=(
+            "Audit a capture folder written by a run with capture_dir set, as the "
+            "live audit would, and write the same reports. See docs/audit.md."
+        ),
+    )
+    p.add_argument("capture", metavar="CAPTURE_DIR", type=Path)
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="import path of a callable returning the torch model",
+    )
+    p.add_argument(
+        "--config", type=Path, metavar="AUDIT_YAML", help="audit config (YAML)"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="report folder (overrides output_dir)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="shape of one input (default: the one in the capture's manifest)",
+    )
+    p.set_defaults(run=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from fl_audit.config import AuditConfig
+    from fl_audit.replay import replay
+
+    try:
+        config = AuditConfig.from_yaml(args.config) if args.config else AuditConfig()
+        if args.output is not None:
+            config = config.model_copy(update={"output_dir": args.output})
+        model = load_model(args.model)
+        reports = replay(args.capture, model, config, input_shape=args.input_shape)
+    except InvalidInputError as exc:
+        raise CommandError(f"{exc.what}: {'; '.join(exc.problems)}") from exc
+    except FLAuditError as exc:
+        raise CommandError(str(exc).replace("\n", " ")) from exc
+    clients = sum(len(r.clients) for r in reports)
+    print(
+        f"replayed {len(reports)} round(s), {clients} client update(s); "
+        f"reports in {config.output_dir}"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # Argument helpers
 
 
@@ -311,6 +373,7 @@ def _call_factory(spec: str, factory: Callable[[], object]) -> object:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_bounds,
+    _add_replay,
 ]
 
 

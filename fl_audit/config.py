@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from fl_audit.errors import ConfigError
+from fl_audit.report import PrivacySettings
 
 __all__ = [
     "CLIENT_RUN_CONFIG_KEYS",
@@ -209,6 +210,10 @@ class AuditConfig(BaseModel):
     capture_dir:
         Also write every client update (with its metadata) here, owner-only,
         for ``fl-audit replay``.
+    privacy:
+        Differential privacy of the run when it is not a Flower DP wrapper
+        around the inner strategy (those are read off it), e.g. local DP on
+        the clients: ``{noise_multiplier, clipping_norm, noise_on: update}``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -232,6 +237,7 @@ class AuditConfig(BaseModel):
     attack_memory_mb: int | None = Field(default=None, ge=64)
     round_budget_s: float | None = Field(default=None, gt=0.0)
     capture_dir: Path | None = None
+    privacy: PrivacySettings | None = None
 
     @property
     def runs_in_background(self) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "ClientMetadata",
     "FailedReply",
     "GroundTruthScore",
+    "PrivacySettings",
     "ReportWriter",
     "RoundReport",
     "RoundSummary",
@@ -156,6 +157,14 @@ class ClientAudit(BaseModel):
     ground_truth_used: bool
     notes: list[str] = Field(default_factory=list)
     elapsed_s: float = 0.0
+    update_norm: float | None = Field(
+        default=None, description="L2 norm of global - client over all parameters"
+    )
+    noise_to_update: float | None = Field(
+        default=None,
+        description="differential privacy: std of the noise on this update over "
+        "its norm, when noise reaches what the audit saw",
+    )
 
 
 class SkippedClient(BaseModel):
@@ -174,6 +183,32 @@ class FailedReply(BaseModel):
     reason: str
 
 
+class PrivacySettings(BaseModel):
+    """Differential privacy of the run, read off Flower's DP wrappers or declared.
+
+    ``noise_on`` says where the Gaussian noise is added: ``"aggregate"``
+    (Flower's server- and client-side fixed-clipping wrappers add it to the
+    aggregate, after the audit has seen each update) or ``"update"`` (local
+    DP: each client adds it before sending).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mechanism: str = "declared"
+    noise_multiplier: float = Field(ge=0.0)
+    clipping_norm: float = Field(gt=0.0)
+    num_sampled_clients: int | None = Field(default=None, ge=1)
+    noise_on: Literal["aggregate", "update"] = "aggregate"
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise per coordinate where it is added."""
+        std = self.noise_multiplier * self.clipping_norm
+        if self.noise_on == "aggregate" and self.num_sampled_clients:
+            return std / self.num_sampled_clients
+        return std
+
+
 class RunSettings(BaseModel):
     """What the audit was run with (repeated in every round report)."""
 
@@ -187,13 +222,17 @@ class RunSettings(BaseModel):
     train_config: dict[str, Any] = Field(
         default_factory=dict, description="scalars the server sent with the round"
     )
+    privacy: PrivacySettings | None = None
 
 
 class RoundReport(BaseModel):
     """The audit of one round: one entry per audited client."""
 
     schema_version: str = SCHEMA_VERSION
-    round: int
+    round: int = Field(description="the run's round: continues across restarts")
+    server_round: int | None = Field(
+        default=None, description="Flower's round number, when it differs"
+    )
     started_at: datetime
     finished_at: datetime
     settings: RunSettings
@@ -287,6 +326,11 @@ class ReportWriter:
                     f"({exc.strerror or exc}); choose a folder you can write to"
                 ],
             ) from None
+        summary = self.read_summary()
+        self.offset = (
+            max((r.round for r in summary.rounds), default=0) if summary else 0
+        )
+        """Rounds already in the folder: a restarted run continues after them."""
 
     def round_path(self, server_round: int) -> Path:
         return self.output_dir / round_file_name(server_round)

@@ -17,7 +17,7 @@ from fl_audit.attacks.base import Attack
 from fl_audit.audit import ClientUpdate, GroundTruth, LazyArrays, fingerprint_of
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
-from fl_audit.report import ClientMetadata
+from fl_audit.report import ClientMetadata, PrivacySettings
 
 
 def load_config(
@@ -168,3 +168,34 @@ class BackgroundAudits:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def privacy_of(strategy: object) -> PrivacySettings | None:
+    """DP settings of Flower's DP wrappers anywhere in the strategy chain.
+
+    Flower's fixed- and adaptive-clipping wrappers (server- or client-side
+    clipping) hold ``noise_multiplier`` and ``clipping_norm`` (the adaptive
+    ones the initial norm) and add the noise to the aggregate.
+    """
+    seen = 0
+    while strategy is not None and seen < 16:
+        noise = getattr(strategy, "noise_multiplier", None)
+        clip = getattr(strategy, "clipping_norm", None)
+        if clip is None:
+            clip = getattr(strategy, "initial_clipping_norm", None)
+        if (
+            isinstance(noise, int | float)
+            and isinstance(clip, int | float)
+            and clip > 0
+        ):
+            sampled = getattr(strategy, "num_sampled_clients", None)
+            return PrivacySettings(
+                mechanism=type(strategy).__name__,
+                noise_multiplier=float(noise),
+                clipping_norm=float(clip),
+                num_sampled_clients=sampled if isinstance(sampled, int) else None,
+                noise_on="aggregate",
+            )
+        strategy = getattr(strategy, "strategy", None)
+        seen += 1
+    return None

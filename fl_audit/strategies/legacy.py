@@ -56,11 +56,13 @@ from fl_audit.audit import (
 from fl_audit.client import LEGACY_PREFIX, TRUTH_KEY
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
+from fl_audit.replay import CaptureWriter
 from fl_audit.report import FailedReply, RoundReport
 from fl_audit.strategies._common import (
     BackgroundAudits,
     aggregate_update,
     load_config,
+    privacy_of,
     truth_from_arrays,
 )
 
@@ -106,7 +108,15 @@ class LegacyAuditStrategy(Strategy):
             strategy_name=type(strategy).__name__,
         )
         self.reports: dict[int, RoundReport] = {}
+        detected = privacy_of(strategy)
+        if detected is not None and cfg.privacy is None:
+            self.auditor.privacy = detected
         self._background = BackgroundAudits() if cfg.runs_in_background else None
+        self._capture = (
+            None
+            if cfg.capture_dir is None
+            else CaptureWriter(cfg.capture_dir, input_shape, type(model).__name__)
+        )
         self._global: dict[int, list[np.ndarray]] = {}
         self._fit_config: dict[int, dict[str, Any]] = {}
 
@@ -203,6 +213,20 @@ class LegacyAuditStrategy(Strategy):
         failed = [_failure(f) for f in failures]
         updates, aggregate_only, notes = aggregate_update(updates)
         train_config = self._fit_config.get(server_round, {})
+        if self._capture is not None:
+            try:
+                self._capture.write_round(
+                    server_round,
+                    global_state,
+                    updates,
+                    train_config=train_config,
+                    failed=failed,
+                    aggregate_only=aggregate_only,
+                    notes=notes,
+                    keep_ground_truth=self.config.allow_ground_truth,
+                )
+            except OSError as exc:
+                logger.warning("fl-audit: round %d not captured: %s", server_round, exc)
 
         def report() -> None:
             self.reports[server_round] = self.auditor.audit_round(
