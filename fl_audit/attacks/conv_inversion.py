@@ -344,7 +344,8 @@ class ConvInversion(Attack):
             return [], 0
         if rank == 1:
             f = g @ G / float(g @ g)  # theorem 1: every unit's ratio is f
-            return [_Sample(f, _label_of(g), True, g)], 1
+            label = _label_of(g) if chain.fc_is_last else -1
+            return [_Sample(f, label, True, g)], 1
         if rank > self.max_batch:
             notes.append(f"rank {rank} exceeds max_batch={self.max_batch}")
             return [], rank
@@ -512,7 +513,7 @@ class ConvInversion(Attack):
             if s > 0:
                 act = chain.activations[s - 1]
                 if delta is not None:
-                    delta = delta * _derivative(act, value)
+                    delta = delta * _derivative(act, value, tol)
                 value, known = _invert(act, value, known, tol)
         x = value.copy()
         x[~known] = 0.0
@@ -726,12 +727,17 @@ def _invert(
     return pre, ok
 
 
-def _derivative(act: Step, post: np.ndarray) -> np.ndarray:
-    """The activation's derivative, written in terms of its output."""
+def _derivative(act: Step, post: np.ndarray, tol: _Tol) -> np.ndarray:
+    """The activation's derivative, written in terms of its output.
+
+    Solved outputs carry rounding noise around their zeros, so ReLU outputs
+    below the support threshold count as zero.
+    """
+    thr = tol.support * max(float(np.abs(post).max()), 1e-300)
     if act.kind == "relu":
-        return (post > 0).astype(np.float64)
+        return (post > thr).astype(np.float64)
     if act.kind == "relu6":
-        return ((post > 0) & (post < 6)).astype(np.float64)
+        return ((post > thr) & (post < 6 - thr)).astype(np.float64)
     if act.kind == "leaky_relu":
         slope = float(act.module.negative_slope)  # type: ignore[arg-type]
         return np.where(post >= 0, 1.0, slope)
