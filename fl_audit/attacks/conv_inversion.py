@@ -350,7 +350,12 @@ class ConvInversion(Attack):
             notes.append(f"rank {rank} exceeds max_batch={self.max_batch}")
             return [], rank
         if chain.fc_is_last:
-            return self._separate_classifier(chain, G, g, rank, tol, notes), rank
+            return (
+                self._separate_classifier(
+                    chain, G, g, rank, target.batch_size, tol, notes
+                ),
+                rank,
+            )
         return self._separate_hidden(target, chain, rank, notes), rank
 
     def _separate_classifier(
@@ -359,10 +364,15 @@ class ConvInversion(Attack):
         G: np.ndarray,
         g: np.ndarray,
         rank: int,
+        batch_size: int | None,
         tol: _Tol,
         notes: list[str],
     ) -> list[_Sample]:
-        """Successive projection on the columns of the classifier's gradient."""
+        """Successive projection on the columns of the classifier's gradient.
+
+        The rank tells the batch size while it stays below ``classes - 1``; at
+        ``classes - 1`` only a declared ``batch_size`` equal to it does.
+        """
         classes = G.shape[0]
         below = chain.activations[-1].kind if chain.activations else "none"
         if not chain.segments[-1].shape_only or below not in ("relu", "relu6"):
@@ -371,7 +381,7 @@ class ConvInversion(Attack):
                 "needs non-negative features with zeros, the batch is not separated"
             )
             return []
-        certain = rank < classes - 1
+        certain = rank < classes - 1 or batch_size == rank
         if not certain:
             notes.append(
                 f"the classifier gradient has rank {rank} = classes - 1: the batch "
