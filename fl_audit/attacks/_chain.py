@@ -135,7 +135,7 @@ def trace_chain(
     ChainStop
         With the layer that stops the chain and the reason.
     """
-    work = copy.deepcopy(model).double().eval()
+    work = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     names = {m: n for n, m in work.named_modules()}
     original = dict(model.named_modules())
     leaves = [m for m in work.modules() if not list(m.children())]

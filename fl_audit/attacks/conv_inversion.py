@@ -75,7 +75,7 @@ from fl_audit.attacks.base import Applicability, Attack
 from fl_audit.attacks.registry import register_attack
 from fl_audit.bounds import RANK_RTOL
 from fl_audit.core import AttackResult, AttackTarget
-from fl_audit.errors import InvalidInputError, UnsupportedModelError
+from fl_audit.errors import FLAuditError, InvalidInputError, UnsupportedModelError
 from fl_audit.layers import find_first_layer
 
 __all__ = ["ConvInversion", "ConvInversionResult", "LayerSolve"]
@@ -276,7 +276,8 @@ class ConvInversion(Attack):
             inputs, certified, solves = self._walk_all(
                 target, chain, samples, tol, notes
             )
-        except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
+        except (RuntimeError, ValueError, np.linalg.LinAlgError, FLAuditError) as exc:
+            # A model the chain could not be solved on is reported, not raised.
             notes.append(f"the inversion failed: {type(exc).__name__}: {exc}")
             logger.warning("conv_inversion failed: %s", exc)
             return self._result(target, [], [], [], [], None, start, notes)
@@ -331,8 +332,8 @@ class ConvInversion(Attack):
     def _separate(
         self, target: AttackTarget, chain: Chain, tol: _Tol, notes: list[str]
     ) -> tuple[list[_Sample], int]:
-        G = target.gradients[f"{chain.fc_name}.weight"].detach().double().numpy()
-        g = target.gradients[f"{chain.fc_name}.bias"].detach().double().numpy()
+        G = target.gradients[f"{chain.fc_name}.weight"].detach().cpu().double().numpy()
+        g = target.gradients[f"{chain.fc_name}.bias"].detach().cpu().double().numpy()
         M = np.hstack([G, g[:, None]])  # (out, d + 1)
         S = np.linalg.svd(M, compute_uv=False)
         rank = int((tol.rank * S[0] < S).sum()) if S.size and S[0] > 0 else 0
@@ -496,7 +497,7 @@ class ConvInversion(Attack):
         known = np.ones(value.size, dtype=bool)
         delta: np.ndarray | None = None
         if use_weights and sample.delta_fc is not None:
-            W = chain.fc.weight.detach().double().numpy()
+            W = chain.fc.weight.detach().cpu().double().numpy()
             delta = W.T @ sample.delta_fc  # (d_fc,) error at the FC input
         exact = True
         solves: list[LayerSolve] = []
@@ -547,7 +548,7 @@ class ConvInversion(Attack):
         delta = delta.reshape(h, -1)  # (h, L)
         bias_name = f"{conv_step.name}.bias"
         if conv.bias is not None and bias_name in target.gradients:
-            observed = target.gradients[bias_name].detach().double().numpy()
+            observed = target.gradients[bias_name].detach().cpu().double().numpy()
             gap = float(np.linalg.norm(delta.sum(axis=1) - observed))
             err = gap / max(float(np.linalg.norm(observed)), 1e-300)
             if err > 1e-6:
@@ -577,7 +578,7 @@ class ConvInversion(Attack):
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(h * per, n),
         )
-        e = target.gradients[f"{conv_step.name}.weight"].detach().double().numpy()
+        e = target.gradients[f"{conv_step.name}.weight"].detach().cpu().double().numpy()
         return E, e.reshape(-1)
 
 
@@ -863,7 +864,7 @@ class _Tail(nn.Module):
         self, model: nn.Module, chain: Chain, input_shape: tuple[int, ...]
     ) -> None:
         super().__init__()
-        self.inner = copy.deepcopy(model)
+        self.inner = copy.deepcopy(model).cpu()
         self.input_shape = input_shape
         self.holder = _Holder()
         steps = chain.steps
