@@ -408,3 +408,31 @@ def test_summary_carries_every_solve(fashion4):
     assert summary["certified"] == 1
     assert summary["solves"][0]["rank"] == 784
     assert summary["solves"][0]["exact"] is True
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(
+            3, 24, 3, padding="same", padding_mode="reflect", dilation=2, groups=3
+        ),
+        nn.Conv2d(3, 6, 3, padding=1, padding_mode="circular", bias=False),
+    ],
+    ids=["groups-dilation-reflect", "circular-no-bias"],
+)
+def test_general_convolutions_with_kernel_equations(conv):
+    # Arrange: 16x16 photo, conv -> ReLU -> FC; the kernel rows follow the padding
+    x = load_samples("photos", 1, size=16, seed=2).inputs.double()
+    with torch.no_grad():
+        features = conv(x.float()).numel()
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(features, 10))
+    model = model.double()
+
+    # Act
+    result = _attack(model, x)
+
+    # Assert
+    (solve,) = result.solves
+    assert solve.weight_equations == conv.weight.numel()
+    assert result.num_certified == 1
+    assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 100.0
