@@ -237,8 +237,12 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
 
 
 def plot(cfgs: list[Config]) -> Path:
-    fig, axes = plt.subplots(1, len(cfgs), figsize=(3.0 * len(cfgs), 3.2), sharey=True)
-    for ax, cfg in zip(axes, cfgs, strict=True):
+    cols = math.ceil(len(cfgs) / 2)
+    fig, grid = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True)
+    axes = list(grid.ravel())
+    for ax in axes[len(cfgs) :]:
+        ax.axis("off")
+    for ax, cfg in zip(axes, cfgs, strict=False):
         for h in cfg.hs:
             rs = [r for r in cfg.runs if r["h"] == h]
             colours = ["tab:green" if r["certified"] else "tab:red" for r in rs]
@@ -265,8 +269,9 @@ def plot(cfgs: list[Config]) -> Path:
         ax.set_title(cfg.label, fontsize=8)
         ax.set_xlabel("filters h")
         ax.set_xlim(0, max(cfg.hs) * 1.1)
-    axes[0].set_ylabel("PSNR (dB); green = certified")
-    axes[-1].legend(fontsize=6, loc="lower right")
+    for row in grid:
+        row[0].set_ylabel("PSNR (dB); green = certified")
+    axes[len(cfgs) - 1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / "conv_inversion_phase_transition.png"
@@ -293,6 +298,22 @@ def batches(quick: bool) -> None:
             f"{result.num_certified}/{b}, exact (>= 100 dB) "
             f"{report.recovered(EXACT_DB)}/{b}, seed v1 asks h >= "
             f"{math.ceil(784 * b / 576)}; {result.elapsed_s:.1f} s"
+        )
+
+
+def photo_batches(quick: bool) -> None:
+    print("\n== batches behind the classifier (3x32x32 photos, k5 s1, h=16)")
+    xs = load_samples("photos", 8, size=32, seed=35).inputs.double()
+    for b in [2] if quick else [2, 4, 8]:
+        model = model_for(xs, 16, 5, 1, 0, seed=100 + b)
+        x = xs[:b]
+        result = ConvInversion().run(target_for(model, x, torch.arange(b) % 10))
+        report = match_inputs(result.inputs, x, data_range=1.0)
+        print(
+            f"   B={b:>2}: rank {result.batch_size_estimate}, certified "
+            f"{result.num_certified}/{b}, exact (>= 100 dB) "
+            f"{report.recovered(EXACT_DB)}/{b}, median "
+            f"{min(report.median_psnr, 300.0):.0f} dB; {result.elapsed_s:.1f} s"
         )
 
 
@@ -350,6 +371,7 @@ def main() -> None:
     summarise(cfgs)
     print(f"\nfigure: {plot(cfgs)}")
     batches(args.quick)
+    photo_batches(args.quick)
     timing(not args.no_reference)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
