@@ -144,7 +144,9 @@ def find_first_layer(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLay
     probe = torch.rand((2, *shape), generator=gen, dtype=torch.float64)
     probe = probe.to(dtype=first_param.dtype, device=first_param.device)
     handles = [m.register_forward_pre_hook(pre_hook) for m in owners]
-    was_training = model.training
+    # Restore every module's own mode: model.train(flag) would overwrite
+    # submodules a user put in eval mode (a frozen BatchNorm).
+    modes = {m: m.training for m in model.modules()}
     model.eval()  # no BatchNorm statistics change, no dropout
     try:
         with torch.no_grad():
@@ -163,7 +165,8 @@ def find_first_layer(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLay
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
     module = seen.get("module")
     if not isinstance(module, nn.Module):

@@ -52,3 +52,15 @@ def test_model_state_is_left_as_it_was():
     before = model[2].running_mean.clone()
     find_first_layer(model, (16,))
     assert model.training and torch.equal(model[2].running_mean, before)
+
+
+def test_find_first_layer_keeps_each_submodule_mode():
+    # Arrange: a model in train mode with a frozen (eval-mode) BatchNorm inside
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2).eval(), nn.ReLU())
+
+    # Act
+    find_first_layer(model, (1, 8, 8))
+
+    # Assert
+    assert model.training and model[0].training
+    assert not model[1].training

@@ -3,6 +3,11 @@ attacks fl-audit ships. Nothing here imports Flower."""
 
 from fl_audit.attacks.analytic_fc import AnalyticFCInversion
 from fl_audit.attacks.base import Applicability, Attack
+from fl_audit.attacks.conv_inversion import (
+    ConvInversion,
+    ConvInversionResult,
+    LayerSolve,
+)
 from fl_audit.attacks.dlg import DLGBaseline
 from fl_audit.attacks.prior_guided import PriorGuidedReconstruction
 from fl_audit.attacks.registry import (
@@ -21,6 +26,9 @@ __all__ = [
     "AttackTarget",
     "DLGBaseline",
     "PriorGuidedReconstruction",
+    "ConvInversion",
+    "ConvInversionResult",
+    "LayerSolve",
     "available_attacks",
     "create_attack",
     "get_attack",

@@ -1,0 +1,884 @@
+"""Inversion of a convolutional model: from the first FC layer down to the input.
+
+For a model whose raw input meets an ``nn.Conv1d``/``nn.Conv2d`` and that
+reaches an ``nn.Linear`` later, the gradient leaks the input in two steps
+(Qian & Hansen, arXiv 2010.15718, result 3, worked out in docs/theory.md):
+
+1. *The FC step.* The first FC layer's input ``f`` is the flattened
+   activation of the layers below, and ``dL/dW_fc = delta f^T``,
+   ``dL/db_fc = delta`` give it exactly (result 1). A batch is separated
+   there first: by the peeling of :class:`AnalyticFCInversion` when the FC
+   layer is hidden, or, when it is the classifier (few outputs, gradient rank
+   at most classes - 1), by successive projection on the columns of
+   ``dL/dW_fc``: a feature position lit by one sample only gives a column
+   parallel to that sample's output error, the extreme columns are those
+   errors, and ``dL/db_fc`` fixes their scales.
+2. *The walk down.* The chain below is cut at its element-wise
+   nonlinearities. Each linear segment (convolutions, average pooling,
+   eval-mode BatchNorm, reshapes) is a sparse operator ``A`` (assembled by
+   probing, see :mod:`fl_audit.attacks._chain`); its output is known where the
+   activation above it can be undone (ReLU: where the output is positive;
+   LeakyReLU, Sigmoid, Tanh: everywhere off saturation), and its input is the
+   least-squares solution of ``A v + b = z`` on those rows. A segment that
+   starts with a convolution adds that convolution's weight-gradient
+   equations ``dL/dK_j = sum_p delta_{j,p} patch_p(v)``, linear in ``v`` once
+   the error ``delta`` below the FC layer is known (one sample only), as
+   R-GAP (Zhu & Blaschko, ICLR 2021) does.
+
+Each solve is certified without ground truth by the rank of the restricted
+system (full column rank: the input is unique) and its relative residual (at
+machine precision: the equations are consistent). An input is certified when
+every solve on its way down is, no input value is left without equations,
+and the model maps it back onto the recovered FC input.
+
+Notes
+-----
+The weight-gradient equations need a single sample: a batch's kernel
+gradient sums over its samples. Successive projection needs non-negative
+features (a ReLU below the FC layer) and at most ``classes - 2`` samples for
+a certain count: at ``rank = classes - 1`` the batch may hold more samples
+than the rank shows, and the separation is not certified. Max pooling,
+train-mode BatchNorm, per-sample normalisation, residual connections,
+functional activations between modules, multi-step updates (the weights
+moved) and models without an FC layer above the convolution are refused by
+:meth:`ConvInversion.applicability`, which names the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from fl_audit._logging import logger
+from fl_audit.attacks._chain import (
+    Chain,
+    ChainStop,
+    Operator,
+    Segment,
+    Step,
+    segment_operator,
+    trace_chain,
+)
+from fl_audit.attacks.analytic_fc import AnalyticFCInversion, _anchor_pixels
+from fl_audit.attacks.base import Applicability, Attack
+from fl_audit.attacks.registry import register_attack
+from fl_audit.bounds import RANK_RTOL
+from fl_audit.core import AttackResult, AttackTarget
+from fl_audit.errors import FLAuditError, InvalidInputError, UnsupportedModelError
+from fl_audit.layers import find_first_layer
+
+__all__ = ["ConvInversion", "ConvInversionResult", "LayerSolve"]
+
+
+@dataclass(frozen=True)
+class LayerSolve:
+    """One least-squares solve of the walk down, for one sample.
+
+    Attributes
+    ----------
+    sample:
+        Index of the sample in the result.
+    layer:
+        The segment solved, e.g. ``"0 (Conv2d) -> 1 (AvgPool2d)"``.
+    unknowns:
+        Values of the segment's input.
+    equations:
+        Outputs of the segment.
+    kept:
+        Outputs whose value is known (positive ReLU outputs, ...).
+    weight_equations:
+        Rows added from the convolution's kernel gradient (0 if none).
+    uncovered:
+        Unknowns that no kept equation touches (lost, reported apart).
+    rank:
+        Numerical rank of the restricted system on the covered unknowns
+        (singular values above ``RANK_RTOL`` of the largest); ``None`` when
+        the iterative solver was used.
+    condition:
+        Ratio of extreme singular values (estimated by LSMR when ``rank`` is
+        ``None``).
+    residual:
+        ``||M v - r|| / ||r||`` of the row-normalised system.
+    solver:
+        ``"cholesky"`` (normal equations) or ``"lsmr"``.
+    exact:
+        Full column rank on the covered unknowns and residual at machine
+        precision.
+    """
+
+    sample: int
+    layer: str
+    unknowns: int
+    equations: int
+    kept: int
+    weight_equations: int
+    uncovered: int
+    rank: int | None
+    condition: float
+    residual: float
+    solver: str
+    exact: bool
+
+
+@dataclass
+class ConvInversionResult(AttackResult):
+    """An :class:`AttackResult` with the certificate of every solve."""
+
+    solves: list[LayerSolve] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out["solves"] = [asdict(s) for s in self.solves]
+        return out
+
+
+@dataclass
+class _Tol:
+    """Thresholds set from the precision of the observed gradient."""
+
+    eps: float
+
+    @property
+    def residual(self) -> float:
+        return max(1e-11, 1e3 * self.eps)
+
+    @property
+    def support(self) -> float:
+        # Relative to the largest activation: float32 rounding of the FC step
+        # leaves about 1e-7 on zero features, so 1e-4 in float32, 2e-13 in float64.
+        return 1e3 * self.eps
+
+    @property
+    def rank(self) -> float:
+        return max(1e-10, 1e3 * self.eps)
+
+
+@dataclass
+class _Sample:
+    """One sample on its way down."""
+
+    features: np.ndarray  # (d_fc,) the FC layer's input
+    label: int
+    fc_certified: bool
+    delta_fc: np.ndarray | None  # (out_fc,) its FC output error, B = 1 only
+
+
+@register_attack("conv_inversion")
+class ConvInversion(Attack):
+    """Rebuild the inputs of a convolutional model from its gradient.
+
+    Parameters
+    ----------
+    weight_equations:
+        Add each convolution's kernel-gradient equations to its solve (one
+        sample only). Lowers the filter count needed for exactness.
+    dense_limit:
+        Largest number of unknowns of one solve handled by a dense Cholesky
+        factorisation of the normal equations (exact rank included); larger
+        solves use LSMR on the sparse system, certified by its condition
+        estimate instead of the rank.
+    max_batch:
+        Largest batch separated at the FC layer.
+
+    Notes
+    -----
+    See the module docstring for the method and its limits.
+    """
+
+    def __init__(
+        self,
+        *,
+        weight_equations: bool = True,
+        dense_limit: int = 4096,
+        max_batch: int = 64,
+    ) -> None:
+        problems = []
+        if not isinstance(weight_equations, bool):
+            problems.append(
+                f"weight_equations must be True or False, got {weight_equations!r}"
+            )
+        for name, value in (("dense_limit", dense_limit), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an int >= 1, got {value!r}")
+        if problems:
+            raise InvalidInputError("ConvInversion options", problems)
+        self.weight_equations = weight_equations
+        self.dense_limit = dense_limit
+        self.max_batch = max_batch
+
+    def __repr__(self) -> str:
+        return (
+            f"ConvInversion(weight_equations={self.weight_equations}, "
+            f"dense_limit={self.dense_limit}, max_batch={self.max_batch})"
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def applicability(self, target: AttackTarget) -> Applicability:
+        try:
+            chain = self._chain(target)
+        except ChainStop as exc:
+            return Applicability(False, str(exc))
+        return Applicability(
+            True,
+            f"convolutional chain {' -> '.join(s.label for s in chain.steps)} "
+            f"into FC layer {chain.fc_name}",
+        )
+
+    def _chain(self, target: AttackTarget) -> Chain:
+        if target.source == "update":
+            raise ChainStop(
+                "a multi-step update: the weights moved during local training, so "
+                "the feature maps were computed at weights the server does not have"
+            )
+        first = find_first_layer(target.model, target.input_shape)
+        if first.kind not in ("conv1d", "conv2d"):
+            raise ChainStop(
+                first.reason
+                or f"the first layer {first.path} is "
+                f"{type(first.module).__name__}, not nn.Conv1d/nn.Conv2d"
+            )
+        return trace_chain(target.model, target.input_shape, first.path)
+
+    # --------------------------------------------------------------------- run
+
+    def run(self, target: AttackTarget) -> ConvInversionResult:
+        """Invert ``target``: separate at the FC layer, then walk down.
+
+        Raises
+        ------
+        UnsupportedModelError
+            If :meth:`applicability` rejects the target.
+        """
+        start = time.perf_counter()
+        try:
+            chain = self._chain(target)
+        except ChainStop as exc:
+            raise UnsupportedModelError(
+                f"conv_inversion does not apply: {exc}"
+            ) from None
+        notes = list(chain.notes)
+        raw = target.gradients[f"{chain.fc_name}.weight"]
+        tol = _Tol(float(torch.finfo(raw.dtype).eps))
+        try:
+            samples, estimate = self._separate(target, chain, tol, notes)
+            inputs, certified, solves = self._walk_all(
+                target, chain, samples, tol, notes
+            )
+        except (RuntimeError, ValueError, np.linalg.LinAlgError, FLAuditError) as exc:
+            # A model the chain could not be solved on is reported, not raised.
+            notes.append(f"the inversion failed: {type(exc).__name__}: {exc}")
+            logger.warning("conv_inversion failed: %s", exc)
+            return self._result(target, [], [], [], [], None, start, notes)
+        labels = [s.label for s in samples]
+        residual = max((s.residual for s in solves), default=None)
+        return self._result(
+            target, inputs, certified, labels, solves, estimate, start, notes, residual
+        )
+
+    def _result(
+        self,
+        target: AttackTarget,
+        inputs: list[np.ndarray],
+        certified: list[bool],
+        labels: list[int],
+        solves: list[LayerSolve],
+        estimate: int | None,
+        start: float,
+        notes: list[str],
+        residual: float | None = None,
+    ) -> ConvInversionResult:
+        order = sorted(range(len(inputs)), key=lambda i: not certified[i])
+        shape = (len(inputs), *target.input_shape)
+        tensor = (
+            torch.from_numpy(np.stack([inputs[i] for i in order])).reshape(shape)
+            if inputs
+            else torch.zeros(shape, dtype=torch.float64)
+        )
+        remap = {old: new for new, old in enumerate(order)}
+        solves = [
+            LayerSolve(**{**asdict(s), "sample": remap[s.sample]}) for s in solves
+        ]
+        return ConvInversionResult(
+            attack=self.name,
+            inputs=tensor,
+            certified=torch.tensor([certified[i] for i in order], dtype=torch.bool),
+            labels=(
+                torch.tensor([labels[i] for i in order], dtype=torch.long)
+                if any(v >= 0 for v in labels)
+                else None
+            ),
+            batch_size_estimate=estimate,
+            residual=residual,
+            elapsed_s=time.perf_counter() - start,
+            notes=notes,
+            certificates=["rank+residual" if certified[i] else "" for i in order],
+            solves=solves,
+        )
+
+    # ------------------------------------------------------------ the FC step
+
+    def _separate(
+        self, target: AttackTarget, chain: Chain, tol: _Tol, notes: list[str]
+    ) -> tuple[list[_Sample], int]:
+        G = target.gradients[f"{chain.fc_name}.weight"].detach().cpu().double().numpy()
+        g = target.gradients[f"{chain.fc_name}.bias"].detach().cpu().double().numpy()
+        M = np.hstack([G, g[:, None]])  # (out, d + 1)
+        S = np.linalg.svd(M, compute_uv=False)
+        rank = int((tol.rank * S[0] < S).sum()) if S.size and S[0] > 0 else 0
+        if rank == 0:
+            notes.append(
+                f"the gradient of {chain.fc_name} is zero (dead units or a saturated "
+                "loss): nothing leaks through it"
+            )
+            return [], 0
+        if rank == 1:
+            f = g @ G / float(g @ g)  # theorem 1: every unit's ratio is f
+            label = _label_of(g) if chain.fc_is_last else -1
+            return [_Sample(f, label, True, g)], 1
+        if rank > self.max_batch:
+            notes.append(f"rank {rank} exceeds max_batch={self.max_batch}")
+            return [], rank
+        if chain.fc_is_last:
+            return (
+                self._separate_classifier(
+                    chain, G, g, rank, target.batch_size, tol, notes
+                ),
+                rank,
+            )
+        return self._separate_hidden(target, chain, rank, notes), rank
+
+    def _separate_classifier(
+        self,
+        chain: Chain,
+        G: np.ndarray,
+        g: np.ndarray,
+        rank: int,
+        batch_size: int | None,
+        tol: _Tol,
+        notes: list[str],
+    ) -> list[_Sample]:
+        """Successive projection on the columns of the classifier's gradient.
+
+        The rank tells the batch size while it stays below ``classes - 1``; at
+        ``classes - 1`` only a declared ``batch_size`` equal to it does.
+        """
+        classes = G.shape[0]
+        below = chain.activations[-1].kind if chain.activations else "none"
+        if not chain.segments[-1].shape_only or below not in ("relu", "relu6"):
+            notes.append(
+                "the classifier's input is not a ReLU output: successive projection "
+                "needs non-negative features with zeros, the batch is not separated"
+            )
+            return []
+        certain = rank < classes - 1 or batch_size == rank
+        if not certain:
+            notes.append(
+                f"the classifier gradient has rank {rank} = classes - 1: the batch "
+                f"may hold more than {rank} samples, which this route cannot "
+                "separate; samples are not certified by the FC step"
+            )
+        U, _, _ = np.linalg.svd(G, full_matrices=False)
+        anchors = _anchor_pixels(U[:, :rank].T @ G, rank)
+        if len(anchors) < rank:
+            notes.append(
+                f"successive projection found {len(anchors)} of {rank} extreme "
+                "columns: some samples share all their features"
+            )
+            return []
+        D = G[:, anchors] / np.linalg.norm(G[:, anchors], axis=0)  # (classes, B)
+        scales, *_ = np.linalg.lstsq(D, g, rcond=None)
+        Delta = D * scales[None, :]  # (classes, B) per-sample output errors
+        Ft = np.linalg.lstsq(Delta, G, rcond=None)[0]  # (B, d)
+        fit = np.linalg.norm(Delta @ Ft - G) / np.linalg.norm(G)
+        fit_b = np.linalg.norm(Delta.sum(axis=1) - g) / np.linalg.norm(g)
+        ok = bool(certain and max(fit, fit_b) <= tol.residual)
+        if not ok and certain:
+            notes.append(
+                f"the separated errors do not reproduce the classifier gradient "
+                f"(relative residual {max(fit, fit_b):.2e})"
+            )
+        return [
+            _Sample(Ft[b], _label_of(Delta[:, b]), ok, None)
+            for b in range(Delta.shape[1])
+        ]
+
+    def _separate_hidden(
+        self, target: AttackTarget, chain: Chain, rank: int, notes: list[str]
+    ) -> list[_Sample]:
+        """Peel the batch at a hidden FC layer with :class:`AnalyticFCInversion`."""
+        tail = _Tail(target.model, chain, target.input_shape)
+        grads = {
+            name: target.gradients[name.removeprefix("inner.")]
+            for name, _ in tail.named_parameters()
+        }
+        sub = AttackTarget.from_gradients(
+            tail,
+            grads,
+            (chain.fc.in_features,),
+            batch_size=target.batch_size,
+            labels=target.labels,
+            num_classes=target.num_classes,
+        )
+        fc_result = AnalyticFCInversion(vertex_candidates=False).run(sub)
+        notes.extend(f"FC step: {n}" for n in fc_result.notes)
+        labels = (
+            fc_result.labels.tolist()
+            if fc_result.labels is not None
+            else [-1] * fc_result.num_recovered
+        )
+        return [
+            _Sample(
+                fc_result.inputs[i].numpy(),
+                int(labels[i]),
+                bool(fc_result.certified[i].item()),
+                None,
+            )
+            for i in range(fc_result.num_recovered)
+        ]
+
+    # ------------------------------------------------------------ the walk
+
+    def _walk_all(
+        self,
+        target: AttackTarget,
+        chain: Chain,
+        samples: list[_Sample],
+        tol: _Tol,
+        notes: list[str],
+    ) -> tuple[list[np.ndarray], list[bool], list[LayerSolve]]:
+        ops: list[Operator | None] = [
+            None if seg.shape_only else segment_operator(seg) for seg in chain.segments
+        ]
+        use_weights = self.weight_equations and len(samples) == 1
+        inputs, certified, solves = [], [], []
+        for i, sample in enumerate(samples):
+            x, exact, own = self._walk(
+                target, chain, ops, sample, i, use_weights, tol, notes
+            )
+            roundtrip = _roundtrip(chain, x, sample.features)
+            ok = exact and sample.fc_certified and roundtrip <= tol.residual
+            if exact and sample.fc_certified and not ok:
+                notes.append(
+                    f"sample {i}: the model maps the solution to an FC input "
+                    f"{roundtrip:.2e} away (relative) from the recovered one"
+                )
+            inputs.append(x)
+            certified.append(ok)
+            solves.extend(own)
+        n_ok = sum(certified)
+        if samples and n_ok < len(samples):
+            notes.append(f"{n_ok} of {len(samples)} input(s) certified")
+        return inputs, certified, solves
+
+    def _walk(
+        self,
+        target: AttackTarget,
+        chain: Chain,
+        ops: list[Operator | None],
+        sample: _Sample,
+        index: int,
+        use_weights: bool,
+        tol: _Tol,
+        notes: list[str],
+    ) -> tuple[np.ndarray, bool, list[LayerSolve]]:
+        value = sample.features.astype(np.float64)
+        known = np.ones(value.size, dtype=bool)
+        delta: np.ndarray | None = None
+        if use_weights and sample.delta_fc is not None:
+            W = chain.fc.weight.detach().cpu().double().numpy()
+            delta = W.T @ sample.delta_fc  # (d_fc,) error at the FC input
+        exact = True
+        solves: list[LayerSolve] = []
+
+        for s in range(len(chain.segments) - 1, -1, -1):
+            seg, op = chain.segments[s], ops[s]
+            if op is None:  # reshapes only
+                out = value, known
+            else:
+                extra = (
+                    self._kernel_equations(target, seg, delta, notes)
+                    if delta is not None
+                    else None
+                )
+                out_v, out_k, report = _solve(
+                    op, value, known, extra, tol, self.dense_limit, index, seg.label
+                )
+                solves.append(report)
+                exact = exact and report.exact and report.uncovered == 0
+                if delta is not None:
+                    delta = op.A.T @ delta if out_k.all() else None
+                out = out_v, out_k
+            value, known = out
+            if s > 0:
+                act = chain.activations[s - 1]
+                if delta is not None:
+                    delta = delta * _derivative(act, value, tol)
+                value, known = _invert(act, value, known, tol)
+        x = value.copy()
+        x[~known] = 0.0
+        return x, exact and bool(known.all()), solves
+
+    def _kernel_equations(
+        self,
+        target: AttackTarget,
+        seg: Segment,
+        delta_out: np.ndarray,
+        notes: list[str],
+    ) -> tuple[scipy.sparse.csr_matrix, np.ndarray] | None:
+        """Kernel-gradient rows ``dL/dK = sum_p delta_p patch_p(v)`` of a conv."""
+        if not seg.steps or not isinstance(seg.steps[0].module, nn.Conv1d | nn.Conv2d):
+            return None
+        conv_step = seg.steps[0]
+        conv = conv_step.module
+        assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+        delta = _pull_back(seg.steps[1:], conv_step.out_shape, delta_out)
+        h = conv.out_channels
+        delta = delta.reshape(h, -1)  # (h, L)
+        bias_name = f"{conv_step.name}.bias"
+        if conv.bias is not None and bias_name in target.gradients:
+            observed = target.gradients[bias_name].detach().cpu().double().numpy()
+            gap = float(np.linalg.norm(delta.sum(axis=1) - observed))
+            err = gap / max(float(np.linalg.norm(observed)), 1e-300)
+            if err > 1e-6:
+                notes.append(
+                    f"{conv_step.label}: the error recomputed from the FC layer "
+                    f"misses the observed bias gradient by {err:.1e}; its kernel "
+                    "equations are left out"
+                )
+                return None
+        idx = _tap_indices(conv, conv_step.in_shape)  # (C*K, L) 1-based, 0 = pad
+        groups = conv.groups
+        per = idx.shape[0] // groups  # C_g * K
+        h_g = h // groups
+        if h * per * idx.shape[1] > 2**25:
+            notes.append(f"{conv_step.label}: too many kernel equations, left out")
+            return None
+        rows, cols, vals = [], [], []
+        for gi in range(groups):
+            taps = idx[gi * per : (gi + 1) * per]  # (per, L)
+            D = delta[gi * h_g : (gi + 1) * h_g]  # (h_g, L)
+            j, r, p = np.nonzero(np.broadcast_to(taps[None] > 0, (h_g, *taps.shape)))
+            rows.append((gi * h_g + j) * per + r)
+            cols.append(taps[r, p] - 1)
+            vals.append(D[j, p])
+        n = math.prod(conv_step.in_shape)
+        E = scipy.sparse.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(h * per, n),
+        )
+        e = target.gradients[f"{conv_step.name}.weight"].detach().cpu().double().numpy()
+        return E, e.reshape(-1)
+
+
+# --------------------------------------------------------------------------
+# Solves
+
+
+def _solve(
+    op: Operator,
+    value: np.ndarray,
+    known: np.ndarray,
+    extra: tuple[scipy.sparse.csr_matrix, np.ndarray] | None,
+    tol: _Tol,
+    dense_limit: int,
+    sample: int,
+    layer: str,
+) -> tuple[np.ndarray, np.ndarray, LayerSolve]:
+    """Least squares for a segment's input on the known outputs (+ kernel rows)."""
+    m, n = op.A.shape
+    rows = np.flatnonzero(known)
+    M = op.A[rows]
+    rhs = value[rows] - op.b[rows]
+    n_extra = 0
+    if extra is not None:
+        M = scipy.sparse.vstack([M, extra[0]]).tocsr()
+        rhs = np.concatenate([rhs, extra[1]])
+        n_extra = extra[0].shape[0]
+
+    # Equilibrate rows (the kernel rows have another scale), drop empty ones.
+    norms = np.sqrt(np.asarray(M.multiply(M).sum(axis=1)).ravel())
+    live = norms > 0
+    M = scipy.sparse.diags(1.0 / norms[live]) @ M[live]
+    rhs = rhs[live] / norms[live]
+    col = np.sqrt(np.asarray(M.multiply(M).sum(axis=0)).ravel())
+    covered = col > 0
+    M = M[:, covered].tocsc()
+    k = int(covered.sum())
+
+    x = np.zeros(k)
+    rank: int | None
+    if k == 0:
+        rank, cond, solver = 0, math.inf, "none"
+    elif k <= dense_limit:
+        x, rank, cond = _dense(M, rhs)
+        solver = "cholesky"
+    else:
+        out = scipy.sparse.linalg.lsmr(
+            M, rhs, atol=1e-15, btol=1e-15, conlim=1e15, maxiter=20 * k
+        )
+        x, rank, cond, solver = out[0], None, float(out[6]), "lsmr"
+    scale = max(float(np.linalg.norm(rhs)), 1e-300)
+    residual = float(np.linalg.norm(M @ x - rhs) / scale) if k else 1.0
+    full = (rank == k) if rank is not None else cond < 1.0 / RANK_RTOL
+    exact = bool(k > 0 and full and residual <= tol.residual)
+
+    full_x = np.zeros(n)
+    full_x[covered] = x
+    report = LayerSolve(
+        sample=sample,
+        layer=layer,
+        unknowns=n,
+        equations=m,
+        kept=int(rows.size),
+        weight_equations=n_extra,
+        uncovered=n - k,
+        rank=rank,
+        condition=cond,
+        residual=residual,
+        solver=solver,
+        exact=exact,
+    )
+    logger.debug(
+        "conv_inversion: sample %d %s: %d unknowns, %d/%d kept, rank %s, res %.1e",
+        sample,
+        layer,
+        n,
+        rows.size,
+        m,
+        rank,
+        residual,
+    )
+    return full_x, covered, report
+
+
+def _dense(
+    M: scipy.sparse.csc_matrix, rhs: np.ndarray
+) -> tuple[np.ndarray, int, float]:
+    """Normal equations: rank by factorisation, solution by Cholesky.
+
+    ``N - tau I`` with ``tau = RANK_RTOL**2 * lambda_max`` has a Cholesky
+    factor exactly when every singular value of ``M`` is above ``RANK_RTOL``
+    times the largest; otherwise the inertia of its LDL^T factorisation counts
+    the singular values below (Sylvester's law). Both cost a fraction of a
+    symmetric eigendecomposition.
+    """
+    N = (M.T @ M).toarray()  # (k, k)
+    k = N.shape[0]
+    r = M.T @ rhs
+    top = float(
+        scipy.sparse.linalg.eigsh(N, k=1, which="LA", return_eigenvectors=False)[0]
+        if k > 2
+        else np.linalg.eigvalsh(N)[-1]
+    )
+    top = max(top, 1e-300)
+    tau = top * RANK_RTOL**2
+    shifted = N - tau * np.eye(k)
+    try:
+        scipy.linalg.cho_factor(shifted, lower=True, overwrite_a=True)
+        rank = k
+    except np.linalg.LinAlgError:
+        _, d, _ = scipy.linalg.ldl(N - tau * np.eye(k), lower=True)
+        eig = scipy.linalg.eigvalsh_tridiagonal(
+            np.diag(d).copy(), np.diag(d, -1).copy()
+        )
+        rank = int((eig > 0).sum())
+
+    # A tiny ridge keeps the factorisation defined; refinement removes its bias.
+    factor = scipy.linalg.cho_factor(N + 1e-13 * top * np.eye(k), lower=True)
+    x = scipy.linalg.cho_solve(factor, r)
+    for _ in range(4):
+        x = x + scipy.linalg.cho_solve(factor, M.T @ (rhs - M @ x))
+    # Smallest eigenvalue by inverse iteration with the same factor.
+    v = np.random.default_rng(0).standard_normal(k)
+    low = top
+    for _ in range(12):
+        w = scipy.linalg.cho_solve(factor, v / np.linalg.norm(v))
+        low = 1.0 / max(float(np.linalg.norm(w)), 1e-300)
+        v = w
+    low = max(low - 1e-13 * top, 0.0)
+    cond = math.sqrt(top / low) if low > 0 else math.inf
+    return x, rank, cond
+
+
+def _invert(
+    act: Step, post: np.ndarray, known: np.ndarray, tol: _Tol
+) -> tuple[np.ndarray, np.ndarray]:
+    """Undo an element-wise activation where it can be undone."""
+    peak = max(float(np.abs(post[known]).max()) if known.any() else 0.0, 1e-300)
+    thr = tol.support * peak
+    pre = post.copy()
+    if act.kind == "relu":
+        ok = known & (post > thr)
+    elif act.kind == "relu6":
+        ok = known & (post > thr) & (post < 6.0 - thr)
+    elif act.kind == "leaky_relu":
+        slope = float(act.module.negative_slope)  # type: ignore[arg-type]
+        pre = np.where(post >= 0, post, post / slope)
+        ok = known
+    elif act.kind == "sigmoid":
+        ok = known & (post > tol.support) & (post < 1.0 - tol.support)
+        clipped = np.clip(post, 1e-300, 1.0 - 1e-16)
+        pre = np.log(clipped) - np.log1p(-clipped)
+    else:  # tanh
+        ok = known & (np.abs(post) < 1.0 - tol.support)
+        pre = np.arctanh(np.clip(post, -1.0 + 1e-16, 1.0 - 1e-16))
+    pre = np.where(ok, pre, 0.0)
+    return pre, ok
+
+
+def _derivative(act: Step, post: np.ndarray, tol: _Tol) -> np.ndarray:
+    """The activation's derivative, written in terms of its output.
+
+    Solved outputs carry rounding noise around their zeros, so ReLU outputs
+    below the support threshold count as zero.
+    """
+    thr = tol.support * max(float(np.abs(post).max()), 1e-300)
+    if act.kind == "relu":
+        return (post > thr).astype(np.float64)
+    if act.kind == "relu6":
+        return ((post > thr) & (post < 6 - thr)).astype(np.float64)
+    if act.kind == "leaky_relu":
+        slope = float(act.module.negative_slope)  # type: ignore[arg-type]
+        return np.where(post >= 0, 1.0, slope)
+    if act.kind == "sigmoid":
+        return post * (1.0 - post)
+    return 1.0 - post**2
+
+
+def _pull_back(
+    steps: list[Step], in_shape: tuple[int, ...], delta_out: np.ndarray
+) -> np.ndarray:
+    """``J^T delta`` for the (affine) steps after a segment's convolution."""
+    if not steps:
+        return delta_out
+    v = torch.zeros((1, *in_shape), dtype=torch.float64, requires_grad=True)
+    out = v
+    for step in steps:
+        out = step.module(out.reshape(-1, *step.in_shape))
+    (grad,) = torch.autograd.grad(
+        out.reshape(-1), v, torch.from_numpy(np.ascontiguousarray(delta_out))
+    )
+    return grad.reshape(-1).numpy()
+
+
+def _tap_indices(conv: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...]) -> np.ndarray:
+    """For each (channel, tap) row and output position: 1 + the input index read."""
+    n = math.prod(in_shape)
+    idx = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, *in_shape)
+    dims = len(in_shape) - 1
+    pads: list[int] = []
+    for axis in reversed(range(dims)):
+        k, gap = conv.kernel_size[axis], conv.dilation[axis]
+        if conv.padding == "same":
+            total = gap * (k - 1)
+            left = total // 2
+            right = total - left
+        elif conv.padding == "valid":
+            left = right = 0
+        else:
+            left = right = int(conv.padding[axis])  # type: ignore[index]
+        pads += [left, right]
+    if any(pads):
+        if conv.padding_mode == "zeros":
+            idx = F.pad(idx, pads, value=0.0)
+        else:
+            idx = F.pad(idx, pads, mode=conv.padding_mode)
+    if dims == 1:
+        idx = idx.unsqueeze(2)  # (1, C, 1, L)
+        kernel: tuple[int, ...] = (1, *conv.kernel_size)
+        dil: tuple[int, ...] = (1, *conv.dilation)
+        stride: tuple[int, ...] = (1, *conv.stride)
+    else:
+        kernel, dil, stride = conv.kernel_size, conv.dilation, conv.stride
+    cols = F.unfold(idx, kernel, dilation=dil, padding=0, stride=stride)  # (1, CK, L)
+    return np.rint(cols[0].numpy()).astype(np.int64)
+
+
+def _roundtrip(chain: Chain, x: np.ndarray, features: np.ndarray) -> float:
+    """Relative distance between the model's FC input for ``x`` and ``features``."""
+    with torch.no_grad():
+        v = torch.from_numpy(x)[None]
+        for i, seg in enumerate(chain.segments):
+            v = seg.apply(v)
+            if i < len(chain.activations):
+                act = chain.activations[i]
+                v = act.module(v.reshape(1, *act.in_shape)).reshape(1, -1)
+    gap = float(np.linalg.norm(v.reshape(-1).numpy() - features))
+    return gap / max(float(np.linalg.norm(features)), 1e-300)
+
+
+def _label_of(error: np.ndarray) -> int:
+    """The label of a cross-entropy output error: its only negative entry."""
+    negative = np.flatnonzero(error < 0)
+    return int(negative[0]) if negative.size == 1 else -1
+
+
+# --------------------------------------------------------------------------
+# The model above the FC layer, as a model of the FC input
+
+
+class _Holder:
+    value: torch.Tensor | None = None
+
+
+class _Feed(nn.Module):
+    """Stands in for the last chain module: returns the fed FC input."""
+
+    def __init__(self, holder: _Holder, out_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.holder = holder
+        self.out_shape = out_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.holder.value is not None
+        return self.holder.value.reshape(-1, *self.out_shape)
+
+
+class _Zeros(nn.Module):
+    """Stands in for a chain module below the last one (its output is unused)."""
+
+    def __init__(self, out_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_shape = out_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((x.shape[0], *self.out_shape), dtype=x.dtype)
+
+
+class _Tail(nn.Module):
+    """The model with its chain cut out: maps an FC input to the logits."""
+
+    def __init__(
+        self, model: nn.Module, chain: Chain, input_shape: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(model).cpu()
+        self.input_shape = input_shape
+        self.holder = _Holder()
+        steps = chain.steps
+        for i, step in enumerate(steps):
+            stand_in: nn.Module = (
+                _Feed(self.holder, step.out_shape)
+                if i == len(steps) - 1
+                else _Zeros(step.out_shape)
+            )
+            parent_name, _, child = step.name.rpartition(".")
+            parent = self.inner.get_submodule(parent_name)
+            setattr(parent, child, stand_in)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        self.holder.value = f
+        dummy = torch.zeros((f.shape[0], *self.input_shape), dtype=f.dtype)
+        return self.inner(dummy)  # type: ignore[no-any-return]
