@@ -323,7 +323,10 @@ class Auditor:
         self.attacks = list(attacks) if attacks is not None else _build(config.attacks)
         self.writer = ReportWriter(config.output_dir)
         self.runner: JobRunner = make_runner(
-            config.backend, workers=config.workers, ray_address=config.ray_address
+            config.backend,
+            workers=config.workers,
+            ray_address=config.ray_address,
+            ray_num_cpus=config.ray_num_cpus,
         )
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
         self.privacy: PrivacySettings | None = config.privacy

@@ -193,6 +193,10 @@ class AuditConfig(BaseModel):
     ray_address:
         A running Ray cluster to use; default: the one Flower's simulation
         started in this process, or a new local one.
+    ray_num_cpus:
+        CPUs each Ray attack task asks for. The default, 0, lets tasks run
+        beside Flower's ClientApp actors, which hold every CPU of a
+        simulation's cluster; on a cluster of its own set 1.
     background:
         Audit rounds in a background thread so that ``aggregate_train``
         returns without waiting (default: on for the process and Ray
@@ -231,6 +235,7 @@ class AuditConfig(BaseModel):
     backend: Literal["inline", "process", "ray"] = "inline"
     workers: int = Field(default=2, ge=1)
     ray_address: str | None = None
+    ray_num_cpus: float = Field(default=0.0, ge=0.0)
     background: bool | None = None
     final_wait_s: float = Field(default=600.0, ge=0.0)
     attack_timeout_s: float | None = Field(default=None, gt=0.0)

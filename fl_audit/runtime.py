@@ -310,13 +310,17 @@ class RayRunner(JobRunner):
 
     name = "ray"
 
-    def __init__(self, workers: int, address: str | None = None) -> None:
+    def __init__(
+        self, workers: int, address: str | None = None, num_cpus: float = 0.0
+    ) -> None:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         self._ray = ray
-        self._task = ray.remote(max_retries=0, num_cpus=1)(_ray_task)
+        # Flower's simulation holds every CPU of its cluster for ClientApp
+        # actors; tasks asking for none run beside them instead of waiting.
+        self._task = ray.remote(max_retries=0, num_cpus=num_cpus)(_ray_task)
         self.workers = max(1, int(workers))
 
     def run(
@@ -359,11 +363,12 @@ def make_runner(
     *,
     workers: int = 2,
     ray_address: str | None = None,
+    ray_num_cpus: float = 0.0,
     isolate: bool = False,
 ) -> JobRunner:
     """The runner for a config's ``backend``."""
     if backend == "process":
         return ProcessRunner(workers)
     if backend == "ray":
-        return RayRunner(workers, ray_address)
+        return RayRunner(workers, ray_address, ray_num_cpus)
     return InlineRunner(isolate=isolate)

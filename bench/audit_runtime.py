@@ -1,0 +1,208 @@
+"""100 clients a round on the process and Ray backends: do rounds wait, and
+does the audit stream?
+
+Part 1, rounds. Each round 100 simulated hospitals train in this process
+(one SGD step of batch 8 on their share of real Fashion-MNIST, MLP
+784-64-10) and reply through ``audit_mod``; the server aggregates with
+FedAvg alone, then with FedAvg wrapped in ``AuditStrategy`` (analytic FC
+attack, background audit). The round time is the clients' training plus
+``aggregate_train``; the audit's remaining work is drained at the end and
+reported apart. Target: round time with audit over without <= 1.10.
+
+Part 2, memory. Peak resident memory of the process while the audit runs,
+over what it held before, for 1 client and for 100 (inline backend, each in
+a fresh subprocess). Target: 100 clients <= 2x one client.
+
+Run: ``.venv/bin/python bench/audit_runtime.py [--rounds 3] [--clients 100]``
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from flwr.app import ConfigRecord  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.audit_overhead import client_round  # noqa: E402
+from fl_audit import AuditConfig  # noqa: E402
+from fl_audit.data import load_samples, partition  # noqa: E402
+from fl_audit.strategies import AuditStrategy  # noqa: E402
+from tests.flower_fakes import QuietFedAvg, arrays_of, context  # noqa: E402
+
+torch.set_num_threads(1)
+logging.getLogger("flwr").setLevel(logging.WARNING)
+BATCH, STEPS = 8, 1
+
+
+def _setup(clients: int):
+    data = load_samples("fashion_mnist", max(2000, clients * 16), seed=0)
+    shares = partition(data.labels, clients, alpha=0.5, min_size=BATCH * STEPS, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    return data, shares, model
+
+
+def _replies(model, data, shares, contexts):
+    return [
+        client_round(
+            model, data.inputs[s], data.labels[s], contexts[i], BATCH, STEPS, 0.05
+        )
+        for i, s in enumerate(shares)
+    ]
+
+
+def rounds(backend: str, clients: int, n_rounds: int) -> None:
+    data, shares, model = _setup(clients)
+    contexts = [context(i) for i in range(clients)]
+    out = Path(tempfile.mkdtemp(prefix=f"fl-audit-{backend}-"))
+    cfg = AuditConfig(
+        output_dir=out, backend=backend, workers=2, input_range=(0.0, 1.0)
+    )
+    audit = AuditStrategy(
+        QuietFedAvg(), model=model, input_shape=(1, 28, 28), config=cfg
+    )
+    plain = FedAvg()
+    plain_model, audit_model = copy.deepcopy(model), copy.deepcopy(model)
+
+    t_plain = t_audit = 0.0
+    for r in range(1, n_rounds + 1):
+        t0 = time.perf_counter()
+        replies = _replies(plain_model, data, shares, contexts)
+        arrays, _ = plain.aggregate_train(r, replies)
+        plain_model.load_state_dict(arrays.to_torch_state_dict())
+        t_plain += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        replies = _replies(audit_model, data, shares, contexts)
+        audit.configure_train(
+            r, arrays_of(audit_model.state_dict()), ConfigRecord({"lr": 0.05}), None
+        )
+        arrays, _ = audit.aggregate_train(r, replies)
+        audit_model.load_state_dict(arrays.to_torch_state_dict())
+        t_audit += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    audit.wait(3600)
+    drain = time.perf_counter() - t0
+    audit.auditor.runner.close()
+    done = sum(len(rep.clients) for rep in audit.reports.values())
+    print(
+        f"| {backend} | {clients} | {n_rounds} | {t_plain / n_rounds:.2f} | "
+        f"{t_audit / n_rounds:.2f} | {t_audit / t_plain:.2f} | {drain:.1f} | {done} |"
+    )
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory(clients: int) -> dict:
+    """Peak RSS increase while one round of ``clients`` is audited (inline)."""
+    data, shares, model = _setup(clients)
+    contexts = [context(i) for i in range(clients)]
+    replies = _replies(model, data, shares, contexts)
+    out = Path(tempfile.mkdtemp(prefix="fl-audit-mem-"))
+    audit = AuditStrategy(
+        QuietFedAvg(),
+        model=model,
+        input_shape=(1, 28, 28),
+        config=AuditConfig(output_dir=out, input_range=(0.0, 1.0)),
+    )
+    audit.configure_train(
+        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.05}), None
+    )
+    # Warm up torch, scipy and the bounds on one client first.
+    AuditStrategy(
+        QuietFedAvg(),
+        model=model,
+        input_shape=(1, 28, 28),
+        config=AuditConfig(output_dir=out / "warm"),
+    ).auditor.audit_client(
+        1,
+        {k: v.numpy() for k, v in model.state_dict().items()},
+        audit_update_of(replies[0]),
+    )
+    base, peak = _rss_mib(), [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    audit.aggregate_train(1, replies)
+    stop.set()
+    sampler.join()
+    return {
+        "clients": clients,
+        "base_mib": base,
+        "peak_increase_mib": max(0.0, peak[0] - base),
+    }
+
+
+def audit_update_of(reply):
+    from fl_audit.strategies.message import _update
+
+    return _update(reply, 1, None, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--memory", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        print(json.dumps(memory(args.memory)))
+        return
+
+    print(
+        "| backend | clients | rounds | round s, FedAvg | round s, with audit | ratio | drain s | clients audited |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for backend in ("process", "ray"):
+        rounds(backend, args.clients, args.rounds)
+
+    print()
+    print("| clients | peak RSS increase MiB |")
+    print("|---|---|")
+    figures = {}
+    for n in (1, args.clients):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory", str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        figures[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"| {n} | {figures[n]['peak_increase_mib']:.1f} |")
+    one, many = (figures[n]["peak_increase_mib"] for n in (1, args.clients))
+    print(f"\nratio {args.clients} clients / 1 client: {many / max(one, 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()
