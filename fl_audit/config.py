@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,10 @@ class AuditConfig(BaseModel):
         precedence. Needed by attacks that use a box constraint.
     num_classes:
         Number of classes of the task, when the model's output does not say.
+    policy:
+        The audit policy (YAML, see docs/reports.md) whose verdicts are
+        stored in every round report; ``None`` for the default policy
+        shipped with fl-audit.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -195,6 +199,7 @@ class AuditConfig(BaseModel):
     save_reconstructions: bool = True
     input_range: tuple[float, float] | None = None
     num_classes: int | None = Field(default=None, ge=2)
+    policy: Path | None = None
 
     @field_validator("attacks", mode="before")
     @classmethod
@@ -289,7 +294,16 @@ class AuditConfig(BaseModel):
         return cls.from_mapping(data, source="run config (audit.* keys)")
 
 
-def _problems(exc: ValidationError, lines: Mapping[tuple[str, ...], int] | None = None):
+def _problems(
+    exc: ValidationError,
+    lines: Mapping[tuple[str, ...], int] | None = None,
+    known_keys: Callable[[tuple[str, ...]], Sequence[str]] | None = None,
+) -> list[str]:
+    """One line per validation error: key, line, message and the value got.
+
+    ``known_keys(loc)`` lists the keys accepted where an unknown key was
+    found (default: the audit config's fields).
+    """
     problems = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
@@ -302,8 +316,10 @@ def _problems(exc: ValidationError, lines: Mapping[tuple[str, ...], int] | None 
                     break
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            known = ", ".join(AuditConfig.model_fields)
-            message = f"unknown key; the audit config has: {known}"
+            fields = known_keys(loc) if known_keys else list(AuditConfig.model_fields)
+            known = ", ".join(fields)
+            where = "here" if known_keys else "the audit config"
+            message = f"unknown key; {where} has: {known}"
         problems.append(f"{key}{line}: {message} (got {err.get('input')!r})")
     return problems
 
