@@ -318,8 +318,10 @@ def _problems(
         if err["type"] == "extra_forbidden":
             fields = known_keys(loc) if known_keys else list(AuditConfig.model_fields)
             known = ", ".join(fields)
-            where = "here" if known_keys else "the audit config"
-            message = f"unknown key; {where} has: {known}"
+            if known_keys:
+                message = f"unknown key; allowed here: {known}"
+            else:
+                message = f"unknown key; the audit config has: {known}"
         problems.append(f"{key}{line}: {message} (got {err.get('input')!r})")
     return problems
 

@@ -41,6 +41,7 @@ from typing import Any
 import jinja2
 import matplotlib
 import numpy as np
+from PIL import Image
 
 from fl_audit import __version__
 from fl_audit.errors import InvalidInputError
@@ -49,7 +50,6 @@ from fl_audit.policy import Policy, apply_policy, governing_bound, load_policy, 
 from fl_audit.report import ClientAudit, RoundReport, VerdictStatus
 
 matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -518,19 +518,13 @@ def _thumb(x: np.ndarray, shape: Sequence[int], rng: tuple[float, float]) -> str
     if _kind(shape) == "image":
         if x.ndim > 3:  # (C, D, H, W): the middle slice of a volume
             x = x[:, x.shape[1] // 2]
-        if x.shape[0] in (3, 4):
-            img = np.clip((x[:3].transpose(1, 2, 0) - rng[0]) / (rng[1] - rng[0]), 0, 1)
-            plt.imsave(buf, img, format="png", metadata=_PNG_META)
+        scaled = np.clip((x - rng[0]) / ((rng[1] - rng[0]) or 1.0), 0.0, 1.0)
+        pixels = np.round(scaled * 255).astype(np.uint8)  # (C, H, W)
+        if pixels.shape[0] in (3, 4):
+            image = Image.fromarray(np.ascontiguousarray(pixels[:3].transpose(1, 2, 0)))
         else:
-            plt.imsave(
-                buf,
-                x[0],
-                cmap="gray",
-                vmin=rng[0],
-                vmax=rng[1],
-                format="png",
-                metadata=_PNG_META,
-            )
+            image = Image.fromarray(pixels[0])  # channel 0, grey
+        image.save(buf, format="PNG", optimize=True)
     else:
         trace = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]  # (C, L)
         fig = Figure(figsize=(2.4, 0.9), dpi=80)
