@@ -51,7 +51,9 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def build_run(folder: Path, rounds: int, clients: int, images: bool) -> None:
     torch.set_num_threads(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 4))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
     caps = {b: analyze(model, (1, 32, 32), batch_size=b) for b in BATCHES}
     settings = RunSettings(
         fl_audit_version="bench",

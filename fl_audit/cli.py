@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -216,7 +216,9 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
             "Exit status 0 pass, 1 warn, 2 fail. See docs/reports.md."
         ),
     )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the audit's output_dir")
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the audit's output_dir"
+    )
     p.add_argument(
         "--policy",
         type=Path,
@@ -253,7 +255,8 @@ def _run_report(args: argparse.Namespace) -> int:
             status = r.verdict.status if r.verdict else "none"
             fired = r.verdict.rules_fired if r.verdict else {}
             rules = ", ".join(f"{k} x{v}" for k, v in fired.items()) or "no rule fired"
-            print(f"round {r.round}: {status.upper()} ({len(r.clients)} client(s); {rules})")
+            count = len(r.clients)
+            print(f"round {r.round}: {status.upper()} ({count} client(s); {rules})")
         for note in run.notes:
             print(f"note: {note}")
         print(f"verdict: {run.status.upper()} (policy {run.policy.name!r})")

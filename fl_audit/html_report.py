@@ -147,13 +147,17 @@ def load_run(run_dir: str | Path, policy: str | Path | None = None) -> RunReport
             notes.append(f"{file.name} skipped: not a readable round report ({first})")
             continue
         judged = apply_policy(chosen, report)
-        if report.verdict is not None and judged.verdict is not None:
-            if report.verdict.policy_sha256 != chosen.sha256:
-                notes.append(
-                    f"round {report.round}: the audit stored a verdict of policy "
-                    f"{report.verdict.policy!r} ({report.verdict.status}); this "
-                    f"report applies {chosen.name!r} ({judged.verdict.status})"
-                )
+        stored_verdict, new = report.verdict, judged.verdict
+        if (
+            stored_verdict is not None
+            and new is not None
+            and stored_verdict.policy_sha256 != chosen.sha256
+        ):
+            notes.append(
+                f"round {report.round}: the audit stored a verdict of policy "
+                f"{stored_verdict.policy!r} ({stored_verdict.status}); this "
+                f"report applies {chosen.name!r} ({new.status})"
+            )
         rounds.append(judged)
     if not rounds:
         why = f"{len(files)} unreadable" if files else "none"
@@ -265,7 +269,7 @@ def _context(run: RunReport, show: bool) -> dict[str, Any]:
     grid = []
     for r in run.rounds:
         by_client = {c.client: c for c in r.clients}
-        cells = []
+        cells: list[dict[str, str] | None] = []
         for name in clients:
             c = by_client.get(name)
             if c is None:
@@ -340,21 +344,21 @@ def _rules_context(run: RunReport) -> list[dict[str, Any]]:
             for s in c.verdict.not_evaluated:
                 skipped[s.rule] = skipped.get(s.rule, 0) + 1
     rows = []
-    for rule in run.policy.rules:
-        params = rule.model_dump(
+    for policy_rule in run.policy.rules:
+        params = policy_rule.model_dump(
             mode="json", exclude={"id", "kind", "severity", "description"}
         )
         rows.append(
             {
-                "id": rule.id,
-                "kind": rule.kind,
-                "severity": rule.severity,
+                "id": policy_rule.id,
+                "kind": policy_rule.kind,
+                "severity": policy_rule.severity,
                 "params": ", ".join(
                     f"{k}={v}" for k, v in params.items() if v is not None
                 ),
-                "description": rule.description or type(rule).summary,
-                "fired": fired.get(rule.id, 0),
-                "not_evaluated": skipped.get(rule.id, 0),
+                "description": policy_rule.description or type(policy_rule).summary,
+                "fired": fired.get(policy_rule.id, 0),
+                "not_evaluated": skipped.get(policy_rule.id, 0),
             }
         )
     return rows
@@ -433,7 +437,9 @@ def _client_context(
                 "batch_size_estimate": a.batch_size_estimate,
                 "residual": None if a.residual is None else f"{a.residual:.2e}",
                 "max_psnr": None if gt is None else f"{gt.max_psnr:.1f}",
-                "above_30": None if gt is None else f"{gt.recovered_30db}/{gt.num_true}",
+                "above_30": None
+                if gt is None
+                else f"{gt.recovered_30db}/{gt.num_true}",
                 "elapsed_s": f"{a.elapsed_s:.2f}",
             }
         )
@@ -481,6 +487,7 @@ def _thumbnails(run: RunReport, r: RoundReport, c: ClientAudit) -> list[dict[str
             rng = lo_hi or (float(true.min()), float(true.max()))
             span = (rng[1] - rng[0]) or 1.0
             scores = match_inputs(recon, true, data_range=span).scores
+            pairs: list[tuple[np.ndarray | None, np.ndarray | None, float | None]]
             pairs = [
                 (
                     true[s.truth_index],
@@ -491,7 +498,7 @@ def _thumbnails(run: RunReport, r: RoundReport, c: ClientAudit) -> list[dict[str
             ]
         else:
             rng = lo_hi or (float(recon.min()), float(recon.max()))
-            pairs = [(None, x, None) for x in recon[:MAX_THUMBNAILS]]
+            pairs = [(None, r, None) for r in recon[:MAX_THUMBNAILS]]
         for t, x, p in pairs:
             out.append(
                 {
@@ -531,7 +538,9 @@ def _thumb(x: np.ndarray, shape: Sequence[int], rng: tuple[float, float]) -> str
         ax = fig.add_axes((0.02, 0.05, 0.96, 0.9))
         for row in trace:
             ax.plot(row, linewidth=0.8, color="#1f4e79")
-        ax.set_ylim(rng[0] - 0.05 * (rng[1] - rng[0]), rng[1] + 0.05 * (rng[1] - rng[0]))
+        ax.set_ylim(
+            rng[0] - 0.05 * (rng[1] - rng[0]), rng[1] + 0.05 * (rng[1] - rng[0])
+        )
         ax.set_axis_off()
         fig.savefig(buf, format="png", metadata=_PNG_META)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -640,8 +649,8 @@ def _bound_figure(run: RunReport) -> str:
                 count = c.capacity.local_examples or c.capacity.batch_size or 1
             done = [a for a in c.attacks if a.status == "completed"]
             best = max((a.certified for a in done), default=0)
-            status = c.verdict.status if c.verdict else "pass"
-            pts[status].append((ratio, min(best / count, 1.0)))
+            key: str = c.verdict.status if c.verdict else "pass"
+            pts[key].append((ratio, min(best / count, 1.0)))
             for a in done:
                 if a.ground_truth is not None and a.ground_truth.num_true:
                     gt = a.ground_truth
@@ -660,16 +669,16 @@ def _bound_figure(run: RunReport) -> str:
     jitter = np.random.default_rng(0)
     for status, values in pts.items():
         if values:
-            xs, ys = (np.array(v) for v in zip(*values, strict=True))
-            ys = ys + jitter.uniform(-0.015, 0.015, size=ys.shape)
+            arr = np.array(values)  # (n, 2): ratio, fraction
+            ys = arr[:, 1] + jitter.uniform(-0.015, 0.015, size=len(arr))
             ax.scatter(
-                xs, ys, s=14, color=_COLOURS[status], alpha=0.7,
+                arr[:, 0], ys, s=14, color=_COLOURS[status], alpha=0.7,
                 label=f"certified fraction ({status})",
             )  # fmt: skip
     if gt_pts:
-        xs, ys = zip(*gt_pts, strict=True)
+        gt_arr = np.array(gt_pts)  # (n, 2)
         ax.scatter(
-            xs, ys, s=30, facecolors="none", edgecolors="#333",
+            gt_arr[:, 0], gt_arr[:, 1], s=30, facecolors="none", edgecolors="#333",
             label="fraction above 30 dB (ground truth)",
         )  # fmt: skip
     ax.axvline(1.0, color="#555", ls="--", lw=1)

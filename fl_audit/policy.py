@@ -41,7 +41,7 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -125,7 +125,9 @@ class CapacityRiskRule(_RuleBase):
     """
 
     kind: Literal["capacity_risk"]
-    levels: list[RiskLevel] = Field(default_factory=lambda: ["exposed"], min_length=1)
+    levels: list[RiskLevel] = Field(
+        default_factory=lambda: cast(list[RiskLevel], ["exposed"]), min_length=1
+    )
     first_layer: list[FirstLayerKind] | None = None
 
     summary: ClassVar[str] = "the capacity bounds put the client-round at a risk level"
@@ -401,8 +403,8 @@ class Policy(BaseModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Policy:
-        seen: set[str] = set()
-        dupes = sorted({r.id for r in self.rules if r.id in seen or seen.add(r.id)})
+        ids = [r.id for r in self.rules]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"rule ids must be unique; repeated: {dupes}")
         return self
@@ -567,4 +569,3 @@ def apply_policy(policy: Policy, report: RoundReport) -> RoundReport:
         rules_fired=fired,
     )
     return report.model_copy(update={"clients": clients, "verdict": verdict})
-

@@ -42,10 +42,11 @@ def parts() -> dict[str, str]:
 
 def render(text: str) -> str:
     for name, body in parts().items():
-        pattern = re.compile(
-            rf"(<!-- BEGIN GENERATED: {name} -->\n)(?:.*?\n)?(<!-- END GENERATED: {name} -->)",
-            re.DOTALL,
+        begin, end = (
+            f"<!-- BEGIN GENERATED: {name} -->",
+            f"<!-- END GENERATED: {name} -->",
         )
+        pattern = re.compile(rf"({begin}\n)(?:.*?\n)?({end})", re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"{DOC}: no generated part {name!r}")
         text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)

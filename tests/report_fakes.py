@@ -28,7 +28,9 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @functools.lru_cache(maxsize=32)
-def mlp_capacity(h: int = 64, batch_size: int | None = 1, d: int = 64) -> CapacityReport:
+def mlp_capacity(
+    h: int = 64, batch_size: int | None = 1, d: int = 64
+) -> CapacityReport:
     """A real capacity report of an MLP ``d -> h -> 4``."""
     model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, 4))
     return analyze(model, (d,), batch_size=batch_size)

@@ -161,7 +161,7 @@ def test_an_unreadable_policy_path_names_the_file(tmp_path):
         load_policy(tmp_path / "missing.yaml")
 
 
-# --------------------------------------------------------------- rules at their boundary
+# ------------------------------------------------------- rules at their boundary
 
 
 def test_capacity_risk_fires_at_h_equal_b_and_not_above():
@@ -239,7 +239,9 @@ def test_certified_reconstruction_fires_above_its_allowance():
 
 def test_batch_size_revealed_with_and_without_only_if_correct():
     # Arrange
-    any_estimate = _policy({"id": "b", "kind": "batch_size_revealed", "severity": "warn"})
+    any_estimate = _policy(
+        {"id": "b", "kind": "batch_size_revealed", "severity": "warn"}
+    )
     correct_only = _policy(
         {"id": "b", "kind": "batch_size_revealed", "severity": "warn",
          "only_if_correct": True},

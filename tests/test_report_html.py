@@ -153,7 +153,9 @@ def test_without_policy_the_runs_own_policy_judges_and_a_different_one_is_noted(
 
 
 def _page(tmp_path: Path, **kw) -> str:
-    run = load_run(_mixed_run(tmp_path / "run"), _policy_file(tmp_path, MIN_BATCH, PSNR))
+    run = load_run(
+        _mixed_run(tmp_path / "run"), _policy_file(tmp_path, MIN_BATCH, PSNR)
+    )
     return render_html(run, tmp_path / "page.html", **kw).read_text()
 
 
