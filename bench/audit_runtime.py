@@ -180,9 +180,17 @@ def main() -> None:
         print(json.dumps(memory(args.memory)))
         return
 
-    print(
-        "| backend | clients | rounds | round s, FedAvg | round s, with audit | ratio | drain s | clients audited |"
+    columns = (
+        "backend",
+        "clients",
+        "rounds",
+        "round s, FedAvg",
+        "round s, with audit",
+        "ratio",
+        "drain s",
+        "clients audited",
     )
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("process", "ray"):
         rounds(backend, args.clients, args.rounds)

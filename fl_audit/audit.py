@@ -15,7 +15,10 @@ Per client the auditor
    reported as ``failed`` with the reason, never raised;
 4. scores the reconstructions against ground truth, when the client sent it
    and the config allows it (simulation only);
-5. saves the reconstructions next to the round report.
+5. saves the reconstructions (and the ground truth, when allowed) next to
+   the round report;
+6. evaluates the audit policy (:mod:`fl_audit.policy`) on each client-round
+   and on the round, and stores the verdicts in the round report.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import ConfigError, FLAuditError, GradientError
 from fl_audit.layers import check_input_shape
 from fl_audit.metrics import match_inputs
+from fl_audit.policy import apply_policy, load_policy
 from fl_audit.report import (
     AttackOutcome,
     ClientAudit,
@@ -298,7 +302,8 @@ class Auditor:
     Raises
     ------
     ConfigError
-        If an attack cannot be built from its options.
+        If an attack cannot be built from its options, or the policy file
+        is unreadable or invalid.
     InvalidInputError
         If ``config.output_dir`` cannot be written.
     """
@@ -321,6 +326,7 @@ class Auditor:
         self.config = config
         self.strategy_name = strategy_name
         self.attacks = list(attacks) if attacks is not None else _build(config.attacks)
+        self.policy = load_policy(config.policy)
         self.writer = ReportWriter(config.output_dir)
         self.runner: JobRunner = make_runner(
             config.backend,
@@ -328,6 +334,7 @@ class Auditor:
             ray_address=config.ray_address,
             ray_num_cpus=config.ray_num_cpus,
         )
+        self.writer.write_policy(self.policy.model_dump_json(indent=2))
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
         self.privacy: PrivacySettings | None = config.privacy
         self._offset = self.writer.offset
@@ -430,9 +437,31 @@ class Auditor:
             failed_replies=list(failed),
             notes=list(notes),
         )
+        report = self._judge(report)
         path = self.writer.write_round(report)
         logger.debug("fl-audit round %d: report %s", server_round, path)
         return report
+
+    def _judge(self, report: RoundReport) -> RoundReport:
+        """The report with the policy's verdicts; unchanged if that fails."""
+        try:
+            judged = apply_policy(self.policy, report)
+        except Exception as exc:  # a verdict must never stop the round
+            logger.warning(
+                "fl-audit round %d: policy not evaluated: %s: %s",
+                report.round,
+                type(exc).__name__,
+                exc,
+            )
+            return report
+        assert judged.verdict is not None
+        logger.info(
+            "fl-audit round %d: policy %r verdict %s",
+            report.round,
+            self.policy.name,
+            judged.verdict.status.upper(),
+        )
+        return judged
 
     # -------------------------------------------------------------- a client
 
@@ -505,6 +534,11 @@ class Auditor:
             )
             audit.update_norm = prep.update_norm
             audit.noise_to_update = prep.noise_to_update
+            if audit.ground_truth_used and self.config.save_reconstructions:
+                assert prep.truth is not None  # ground_truth_used says so
+                audit.ground_truth_file = self._save_truth(
+                    self._offset + server_round, prep.update, prep.truth
+                )
             _log_client(server_round, audit)
             audits.append(audit)
         return audits
@@ -663,6 +697,26 @@ class Auditor:
             except OSError as exc:
                 outcome.notes.append(f"reconstructions not saved: {exc}")
         return outcome
+
+    def _save_truth(
+        self, server_round: int, update: ClientUpdate, truth: GroundTruth
+    ) -> str | None:
+        labels = None if truth.labels is None else truth.labels.detach().cpu().numpy()
+        try:
+            return self.writer.save_ground_truth(
+                server_round,
+                update.client,
+                truth.inputs.detach().cpu().numpy(),
+                labels,
+            )
+        except OSError as exc:
+            logger.warning(
+                "fl-audit round %d %s: ground truth not saved: %s",
+                server_round,
+                update.client,
+                exc,
+            )
+            return None
 
     @staticmethod
     def _client(

@@ -7,6 +7,8 @@ Adding a subcommand means writing that pair and listing it in
 
 Exit status: 0 on success, 2 for bad input (an unreadable model path, a bad
 shape, a model that fails on the shape); the reason is one line on stderr.
+``fl-audit report`` exits with the run's verdict: 0 pass, 1 warn, 2 fail
+(and 2 for bad input, so a CI gate fails closed).
 
 Usage::
 
@@ -14,6 +16,7 @@ Usage::
         --batch-size 32 [--local-examples 500] [--json]
     fl-audit replay CAPTURE_DIR --model mypkg.models:make_cnn \\
         [--config audit.yaml] [--output DIR]
+    fl-audit report RUN_DIR [--policy policy.yaml] [--out report.html] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +40,8 @@ from fl_audit.errors import FLAuditError, InvalidInputError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_VERDICT = {"pass": 0, "warn": 1, "fail": 2}
+"""Exit status of ``fl-audit report`` per verdict."""
 
 
 class CommandError(Exception):
@@ -259,6 +265,68 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# fl-audit report
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "report",
+        help="judge a run against a policy and write its HTML report",
+        description=(
+            "Read the round reports of a run folder, judge every client-round "
+            "with an audit policy and write one self-contained HTML page. "
+            "Exit status 0 pass, 1 warn, 2 fail. See docs/reports.md."
+        ),
+    )
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the audit's output_dir"
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY.yaml",
+        help="the policy to judge by (default: the run's policy.json, else the "
+        "default policy)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="REPORT.html",
+        help="where to write the page (default: RUN_DIR/report.html)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the verdicts as JSON on stdout"
+    )
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fl_audit.html_report import load_run, render_html, verdicts_json
+
+    try:
+        run = load_run(args.run_dir, args.policy)
+        path = render_html(run, args.out)
+    except InvalidInputError as exc:
+        raise CommandError(f"{exc.what}: {'; '.join(exc.problems)}") from exc
+    if args.json:
+        data = verdicts_json(run)
+        data["report"] = str(path)
+        print(json.dumps(data, indent=2))
+    else:
+        for r in run.rounds:
+            status = r.verdict.status if r.verdict else "none"
+            fired = r.verdict.rules_fired if r.verdict else {}
+            rules = ", ".join(f"{k} x{v}" for k, v in fired.items()) or "no rule fired"
+            count = len(r.clients)
+            print(f"round {r.round}: {status.upper()} ({count} client(s); {rules})")
+        for note in run.notes:
+            print(f"note: {note}")
+        print(f"verdict: {run.status.upper()} (policy {run.policy.name!r})")
+        print(f"report: {path}")
+    return EXIT_VERDICT[run.status]
+
+
+# --------------------------------------------------------------------------
 # Argument helpers
 
 
@@ -374,6 +442,7 @@ def _call_factory(spec: str, factory: Callable[[], object]) -> object:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_bounds,
     _add_replay,
+    _add_report,
 ]
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,6 +218,10 @@ class AuditConfig(BaseModel):
         Differential privacy of the run when it is not a Flower DP wrapper
         around the inner strategy (those are read off it), e.g. local DP on
         the clients: ``{noise_multiplier, clipping_norm, noise_on: update}``.
+    policy:
+        The audit policy (YAML, see docs/reports.md) whose verdicts are
+        stored in every round report; ``None`` for the default policy
+        shipped with fl-audit.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -243,6 +247,7 @@ class AuditConfig(BaseModel):
     round_budget_s: float | None = Field(default=None, gt=0.0)
     capture_dir: Path | None = None
     privacy: PrivacySettings | None = None
+    policy: Path | None = None
 
     @property
     def runs_in_background(self) -> bool:
@@ -344,7 +349,16 @@ class AuditConfig(BaseModel):
         return cls.from_mapping(data, source="run config (audit.* keys)")
 
 
-def _problems(exc: ValidationError, lines: Mapping[tuple[str, ...], int] | None = None):
+def _problems(
+    exc: ValidationError,
+    lines: Mapping[tuple[str, ...], int] | None = None,
+    known_keys: Callable[[tuple[str, ...]], Sequence[str]] | None = None,
+) -> list[str]:
+    """One line per validation error: key, line, message and the value got.
+
+    ``known_keys(loc)`` lists the keys accepted where an unknown key was
+    found (default: the audit config's fields).
+    """
     problems = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
@@ -357,8 +371,12 @@ def _problems(exc: ValidationError, lines: Mapping[tuple[str, ...], int] | None 
                     break
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            known = ", ".join(AuditConfig.model_fields)
-            message = f"unknown key; the audit config has: {known}"
+            fields = known_keys(loc) if known_keys else list(AuditConfig.model_fields)
+            known = ", ".join(fields)
+            if known_keys:
+                message = f"unknown key; allowed here: {known}"
+            else:
+                message = f"unknown key; the audit config has: {known}"
         problems.append(f"{key}{line}: {message} (got {err.get('input')!r})")
     return problems
 

@@ -5,14 +5,19 @@ A run's output folder holds::
     round-0001.json          one RoundReport per round
     round-0001/              reconstructions of that round, one .npz per
         partition-3.analytic_fc.npz   client and attack (owner-readable only)
+        partition-3.truth.npz         the client's true inputs, when ground
+                                      truth was allowed (owner-readable only)
     summary.json             a RunSummary, rewritten after every round
+    policy.json              the audit policy the verdicts were made with
 
 Every file is written to a temporary name first and then renamed, so a run
 killed mid-round leaves every finished round readable. :class:`RoundReport`
 and :class:`RunSummary` are pydantic models: ``RoundReport.model_validate_json``
 reads a round back, and ``RoundReport.model_json_schema()`` is the schema
 documented in docs/reports.md. ``SCHEMA_VERSION`` changes when a field
-changes meaning or is removed.
+changes meaning or is removed; a new optional field (such as the policy
+verdicts of 1.0 files written after issue 5) leaves it as it is, and older
+files read back with that field ``None``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fl_audit.bounds import CapacityReport, RiskLevel
@@ -34,6 +40,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AttackOutcome",
     "ClientAudit",
+    "ClientVerdict",
     "ClientMetadata",
     "FailedReply",
     "GroundTruthScore",
@@ -41,9 +48,13 @@ __all__ = [
     "ReportWriter",
     "RoundReport",
     "RoundSummary",
+    "RoundVerdict",
+    "RuleFinding",
+    "RuleSkip",
     "RunSettings",
     "RunSummary",
     "SkippedClient",
+    "VerdictStatus",
     "round_file_name",
 ]
 
@@ -51,6 +62,8 @@ SCHEMA_VERSION = "1.0"
 
 AttackStatus = Literal["completed", "not_applicable", "failed"]
 UpdateKind = Literal["gradient", "update", "aggregate"]
+VerdictStatus = Literal["pass", "warn", "fail"]
+Severity = Literal["warn", "fail"]
 
 
 def _now() -> datetime:
@@ -142,6 +155,55 @@ class AttackOutcome(BaseModel):
         )
 
 
+class RuleFinding(BaseModel):
+    """One policy rule that fired on one client-round, with its evidence."""
+
+    rule: str = Field(description="the rule's id in the policy")
+    kind: str = Field(description="the rule's kind, e.g. max_psnr")
+    severity: Severity
+    message: str = Field(description="what was found, in one sentence")
+    attack: str | None = Field(default=None, description="the attack, if any")
+    bound: str | None = Field(
+        default=None, description="the capacity bound or risk level, if any"
+    )
+    evidence: dict[str, Any] = Field(
+        default_factory=dict, description="the numbers the rule compared"
+    )
+
+
+class RuleSkip(BaseModel):
+    """A policy rule that could not be evaluated on a client-round, and why."""
+
+    rule: str
+    reason: str
+
+
+class ClientVerdict(BaseModel):
+    """The policy's verdict on one client-round.
+
+    ``fail`` when a rule of severity ``fail`` fired, else ``warn`` when any
+    rule fired, else ``pass``.
+    """
+
+    status: VerdictStatus
+    fired: list[RuleFinding] = Field(default_factory=list)
+    not_evaluated: list[RuleSkip] = Field(default_factory=list)
+
+
+class RoundVerdict(BaseModel):
+    """The policy's verdict on a round: the worst of its client-rounds."""
+
+    status: VerdictStatus
+    policy: str = Field(description="the policy's name")
+    policy_sha256: str = Field(description="digest of the policy's canonical JSON")
+    clients: dict[str, int] = Field(
+        default_factory=dict, description="audited clients per verdict status"
+    )
+    rules_fired: dict[str, int] = Field(
+        default_factory=dict, description="client-rounds on which each rule fired"
+    )
+
+
 class ClientAudit(BaseModel):
     """Everything the audit found about one client in one round."""
 
@@ -164,6 +226,14 @@ class ClientAudit(BaseModel):
         default=None,
         description="differential privacy: std of the noise on this update over "
         "its norm, when noise reaches what the audit saw",
+    )
+    ground_truth_file: str | None = Field(
+        default=None,
+        description="the client's true inputs (.npz, owner-readable only), "
+        "path relative to the output folder",
+    )
+    verdict: ClientVerdict | None = Field(
+        default=None, description="the audit policy's verdict on this client-round"
     )
 
 
@@ -244,6 +314,9 @@ class RoundReport(BaseModel):
     skipped: list[SkippedClient] = Field(default_factory=list)
     failed_replies: list[FailedReply] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    verdict: RoundVerdict | None = Field(
+        default=None, description="the audit policy's verdict on the round"
+    )
 
 
 class RoundSummary(BaseModel):
@@ -260,6 +333,7 @@ class RoundSummary(BaseModel):
     certified: int
     max_psnr: float | None = None
     attack_failures: int
+    verdict: VerdictStatus | None = None
 
 
 class RunSummary(BaseModel):
@@ -290,6 +364,7 @@ class RunSummary(BaseModel):
             certified=sum(a.certified for a in outcomes),
             max_psnr=max(psnrs) if psnrs else None,
             attack_failures=sum(a.status == "failed" for a in outcomes),
+            verdict=report.verdict.status if report.verdict else None,
         )
 
 
@@ -349,6 +424,38 @@ class ReportWriter:
         os.chmod(tmp, 0o600)
         os.replace(tmp, folder / name)
         return f"{folder.name}/{name}"
+
+    def save_ground_truth(
+        self,
+        server_round: int,
+        client: str,
+        inputs: np.ndarray,
+        labels: np.ndarray | None = None,
+    ) -> str:
+        """Write a client's true inputs (owner-readable only); return the path.
+
+        Kept only when the audit config allows ground truth, so a report can
+        show reconstructions beside the inputs they came from.
+        """
+        folder = self.output_dir / f"round-{server_round:04d}"
+        folder.mkdir(exist_ok=True)
+        name = f"{_safe(client)}.truth.npz"
+        arrays = {"inputs": np.asarray(inputs)}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels)
+        tmp = folder / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, folder / name)
+        return f"{folder.name}/{name}"
+
+    def write_policy(self, policy_json: str) -> Path:
+        """Write ``policy.json``: the policy the rounds' verdicts were made with."""
+        path = self.output_dir / "policy.json"
+        _atomic_write(path, policy_json)
+        return path
 
     def write_round(self, report: RoundReport) -> Path:
         """Write ``round-NNNN.json`` and refresh ``summary.json``."""

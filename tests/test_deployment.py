@@ -6,6 +6,7 @@ so the test cannot hang CI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -131,10 +132,8 @@ def test_audit_runs_in_a_real_deployment(tmp_path):
         )
     finally:
         for proc in reversed(procs):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for proc in procs:
             try:
                 proc.wait(15)

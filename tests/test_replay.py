@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
-import sys
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
@@ -95,7 +93,10 @@ def test_replay_command_line(tmp_path, monkeypatch, capsys):
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))\n"
+        "    nn = torch.nn\n"
+        "    return nn.Sequential(\n"
+        "        nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)\n"
+        "    )\n"
     )
     code = cli(
         [

@@ -1,9 +1,10 @@
-"""Run the federated-hospitals simulation in-process and print the report.
+"""Run the federated-hospitals simulation in-process and write its report.
 
 This is the README's main command. It runs the same ServerApp and ClientApp
 as ``flwr run examples/federated-hospitals``, on Flower's simulation engine
 (Ray), with the settings of pyproject.toml's ``[tool.flwr.app.config]``
-overridden from the command line::
+overridden from the command line. It ends by writing the HTML compliance
+report (``fl-audit report``, default policy) into the report folder::
 
     python examples/federated-hospitals/run.py --dataset ecg --model cnn \\
         --hospitals 4 --rounds 3 --set batch-size=4 --set local-steps=2
@@ -32,6 +33,7 @@ from hospitals import task  # noqa: E402
 from hospitals.client_app import make_client_app  # noqa: E402
 from hospitals.server_app import make_server_app  # noqa: E402
 
+from fl_audit.html_report import load_run, render_html  # noqa: E402
 from fl_audit.report import RunSummary  # noqa: E402
 
 
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({line.certified} certified), best PSNR {psnr}"
         )
     print(f"reports: {output}")
+
+    run = load_run(output)
+    page = render_html(run)
+    print(f"verdict: {run.status.upper()} (policy {run.policy.name!r})")
+    print(f"HTML report: {page}")
     return 0
 
 
