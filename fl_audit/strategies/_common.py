@@ -1,4 +1,5 @@
-"""Pieces both Flower wrappers share: config loading, ground truth, SecAgg."""
+"""Pieces both Flower wrappers share: the audit session, config loading,
+ground truth, secure-aggregation detection, DP settings."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
-from fl_audit.audit import ClientUpdate, GroundTruth, LazyArrays, fingerprint_of
+from fl_audit.audit import (
+    Auditor,
+    ClientUpdate,
+    GroundTruth,
+    LazyArrays,
+    fingerprint_of,
+)
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
-from fl_audit.report import ClientMetadata, PrivacySettings
+from fl_audit.replay import CaptureWriter
+from fl_audit.report import ClientMetadata, FailedReply, PrivacySettings, RoundReport
 
 
 def load_config(
@@ -199,3 +209,88 @@ def privacy_of(strategy: object) -> PrivacySettings | None:
         strategy = getattr(strategy, "strategy", None)
         seen += 1
     return None
+
+
+class AuditSession:
+    """What both Flower wrappers share: the auditor, where rounds run, captures.
+
+    A wrapper turns its replies into :class:`ClientUpdate` objects and calls
+    :meth:`submit`; the session detects secure aggregation, captures the
+    round when asked to, and audits it inline or on the background thread.
+    """
+
+    def __init__(
+        self,
+        strategy: object,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        config: AuditConfig | Mapping[str, Any] | str | Path | None,
+        attacks: Sequence[str | Mapping[str, Any] | Attack] | None,
+    ) -> None:
+        cfg, instances = load_config(config, attacks)
+        self.config = cfg
+        self.auditor = Auditor(
+            model,
+            input_shape,
+            cfg,
+            attacks=instances,
+            strategy_name=type(strategy).__name__,
+        )
+        detected = privacy_of(strategy)
+        if detected is not None and cfg.privacy is None:
+            self.auditor.privacy = detected
+        self.reports: dict[int, RoundReport] = {}
+        self._background = BackgroundAudits() if cfg.runs_in_background else None
+        self._capture = (
+            None
+            if cfg.capture_dir is None
+            else CaptureWriter(cfg.capture_dir, input_shape, type(model).__name__)
+        )
+
+    def submit(
+        self,
+        server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        updates: list[ClientUpdate],
+        *,
+        train_config: Mapping[str, Any],
+        failed: Sequence[FailedReply],
+        started: datetime,
+    ) -> None:
+        """Audit one round's updates (inline, or queued in the background)."""
+        updates, aggregate_only, notes = aggregate_update(updates)
+        if self._capture is not None:
+            try:
+                self._capture.write_round(
+                    server_round,
+                    global_state,
+                    updates,
+                    train_config=train_config,
+                    failed=failed,
+                    aggregate_only=aggregate_only,
+                    notes=notes,
+                    keep_ground_truth=self.config.allow_ground_truth,
+                )
+            except OSError as exc:
+                logger.warning("fl-audit: round %d not captured: %s", server_round, exc)
+
+        def report() -> None:
+            self.reports[server_round] = self.auditor.audit_round(
+                server_round,
+                global_state,
+                updates,
+                train_config=train_config,
+                failed=failed,
+                aggregate_only=aggregate_only,
+                started_at=started,
+                notes=notes,
+            )
+
+        if self._background is None:
+            report()
+        else:
+            self._background.submit(server_round, report)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every round submitted so far is reported (bounded)."""
+        return True if self._background is None else self._background.wait(timeout)

@@ -45,7 +45,6 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import (
-    Auditor,
     ClientUpdate,
     GroundTruth,
     LazyArrays,
@@ -56,13 +55,9 @@ from fl_audit.audit import (
 from fl_audit.client import LEGACY_PREFIX, TRUTH_KEY
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
-from fl_audit.replay import CaptureWriter
 from fl_audit.report import FailedReply, RoundReport
 from fl_audit.strategies._common import (
-    BackgroundAudits,
-    aggregate_update,
-    load_config,
-    privacy_of,
+    AuditSession,
     truth_from_arrays,
 )
 
@@ -97,26 +92,11 @@ class LegacyAuditStrategy(Strategy):
                     "AuditStrategy"
                 ],
             )
-        cfg, instances = load_config(config, attacks)
         self.strategy = strategy
-        self.config = cfg
-        self.auditor = Auditor(
-            model,
-            input_shape,
-            cfg,
-            attacks=instances,
-            strategy_name=type(strategy).__name__,
-        )
-        self.reports: dict[int, RoundReport] = {}
-        detected = privacy_of(strategy)
-        if detected is not None and cfg.privacy is None:
-            self.auditor.privacy = detected
-        self._background = BackgroundAudits() if cfg.runs_in_background else None
-        self._capture = (
-            None
-            if cfg.capture_dir is None
-            else CaptureWriter(cfg.capture_dir, input_shape, type(model).__name__)
-        )
+        self._session = AuditSession(strategy, model, input_shape, config, attacks)
+        self.config = self._session.config
+        self.auditor = self._session.auditor
+        self.reports: dict[int, RoundReport] = self._session.reports
         self._global: dict[int, list[np.ndarray]] = {}
         self._fit_config: dict[int, dict[str, Any]] = {}
 
@@ -211,39 +191,14 @@ class LegacyAuditStrategy(Strategy):
             for (proxy, res), fields in zip(results, taken, strict=True)
         ]
         failed = [_failure(f) for f in failures]
-        updates, aggregate_only, notes = aggregate_update(updates)
-        train_config = self._fit_config.get(server_round, {})
-        if self._capture is not None:
-            try:
-                self._capture.write_round(
-                    server_round,
-                    global_state,
-                    updates,
-                    train_config=train_config,
-                    failed=failed,
-                    aggregate_only=aggregate_only,
-                    notes=notes,
-                    keep_ground_truth=self.config.allow_ground_truth,
-                )
-            except OSError as exc:
-                logger.warning("fl-audit: round %d not captured: %s", server_round, exc)
-
-        def report() -> None:
-            self.reports[server_round] = self.auditor.audit_round(
-                server_round,
-                global_state,
-                updates,
-                train_config=train_config,
-                failed=failed,
-                aggregate_only=aggregate_only,
-                started_at=started,
-                notes=notes,
-            )
-
-        if self._background is None:
-            report()
-        else:
-            self._background.submit(server_round, report)
+        self._session.submit(
+            server_round,
+            global_state,
+            updates,
+            train_config=self._fit_config.get(server_round, {}),
+            failed=failed,
+            started=started,
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every round submitted so far is reported (bounded).
@@ -251,7 +206,7 @@ class LegacyAuditStrategy(Strategy):
         Call it when the legacy server loop returns; ``final_wait_s`` of the
         config is a sensible bound.
         """
-        return True if self._background is None else self._background.wait(timeout)
+        return self._session.wait(timeout)
 
 
 def _take_audit_metrics(res: FitRes) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import (
-    Auditor,
     ClientUpdate,
     GroundTruth,
     LazyArrays,
@@ -43,13 +42,9 @@ from fl_audit.audit import (
 from fl_audit.client import META_KEY, TRUTH_KEY
 from fl_audit.config import AuditConfig
 from fl_audit.errors import ConfigError
-from fl_audit.replay import CaptureWriter
 from fl_audit.report import FailedReply, RoundReport
 from fl_audit.strategies._common import (
-    BackgroundAudits,
-    aggregate_update,
-    load_config,
-    privacy_of,
+    AuditSession,
     truth_from_arrays,
 )
 
@@ -85,9 +80,11 @@ class AuditStrategy(Strategy):
 
     Notes
     -----
-    The audit runs inline, after the inner strategy has aggregated, so a
-    round takes longer by the attacks' time; the reports of round ``r`` are
-    complete when ``aggregate_train`` returns. Client arrays are matched to
+    Inline (the default backend) the audit runs after the inner strategy has
+    aggregated, so a round takes longer by the attacks' time and the report
+    of round ``r`` is complete when ``aggregate_train`` returns. With the
+    process or Ray backend rounds are audited in the background and
+    :meth:`start` waits (bounded) for the last ones. Client arrays are matched to
     ``model.state_dict()`` by name, or by position when the keys differ.
     Secure aggregation is not available on the Message API in flwr 1.42; if
     every reply carries the same arrays, the audit treats them as one
@@ -112,26 +109,11 @@ class AuditStrategy(Strategy):
                     "strategies use LegacyAuditStrategy"
                 ],
             )
-        cfg, instances = load_config(config, attacks)
         self.strategy = strategy
-        self.config = cfg
-        self.auditor = Auditor(
-            model,
-            input_shape,
-            cfg,
-            attacks=instances,
-            strategy_name=type(strategy).__name__,
-        )
-        self.reports: dict[int, RoundReport] = {}
-        detected = privacy_of(strategy)
-        if detected is not None and cfg.privacy is None:
-            self.auditor.privacy = detected
-        self._background = BackgroundAudits() if cfg.runs_in_background else None
-        self._capture = (
-            None
-            if cfg.capture_dir is None
-            else CaptureWriter(cfg.capture_dir, input_shape, type(model).__name__)
-        )
+        self._session = AuditSession(strategy, model, input_shape, config, attacks)
+        self.config = self._session.config
+        self.auditor = self._session.auditor
+        self.reports: dict[int, RoundReport] = self._session.reports
         self._global: dict[int, dict[str, np.ndarray]] = {}
         self._train_config: dict[int, dict[str, Any]] = {}
 
@@ -191,7 +173,7 @@ class AuditStrategy(Strategy):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every round submitted so far is reported (bounded)."""
-        return True if self._background is None else self._background.wait(timeout)
+        return self._session.wait(timeout)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -233,38 +215,14 @@ class AuditStrategy(Strategy):
                 continue
             updates.append(_update(msg, node, meta_raw, truth_raw))
 
-        updates, aggregate_only, notes = aggregate_update(updates)
-        if self._capture is not None:
-            try:
-                self._capture.write_round(
-                    server_round,
-                    global_state,
-                    updates,
-                    train_config=train_config,
-                    failed=failed,
-                    aggregate_only=aggregate_only,
-                    notes=notes,
-                    keep_ground_truth=self.config.allow_ground_truth,
-                )
-            except OSError as exc:
-                logger.warning("fl-audit: round %d not captured: %s", server_round, exc)
-
-        def report() -> None:
-            self.reports[server_round] = self.auditor.audit_round(
-                server_round,
-                global_state,
-                updates,
-                train_config=train_config,
-                failed=failed,
-                aggregate_only=aggregate_only,
-                started_at=started,
-                notes=notes,
-            )
-
-        if self._background is None:
-            report()
-        else:
-            self._background.submit(server_round, report)
+        self._session.submit(
+            server_round,
+            global_state,
+            updates,
+            train_config=train_config,
+            failed=failed,
+            started=started,
+        )
 
 
 def _take_audit_records(msg: Message) -> tuple[Any, Any]:
