@@ -24,7 +24,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import subprocess  # noqa: E402
@@ -39,10 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from flwr.app import ConfigRecord  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.audit_overhead import client_round  # noqa: E402
+from bench.audit_overhead import client_round, measure  # noqa: E402
 from fl_audit import AuditConfig  # noqa: E402
 from fl_audit.data import load_samples, partition  # noqa: E402
 from fl_audit.strategies import AuditStrategy  # noqa: E402
@@ -70,47 +68,6 @@ def _replies(model, data, shares, contexts):
         )
         for i, s in enumerate(shares)
     ]
-
-
-def rounds(backend: str, clients: int, n_rounds: int) -> None:
-    data, shares, model = _setup(clients)
-    contexts = [context(i) for i in range(clients)]
-    out = Path(tempfile.mkdtemp(prefix=f"fl-audit-{backend}-"))
-    cfg = AuditConfig(
-        output_dir=out, backend=backend, workers=2, input_range=(0.0, 1.0)
-    )
-    audit = AuditStrategy(
-        QuietFedAvg(), model=model, input_shape=(1, 28, 28), config=cfg
-    )
-    plain = FedAvg()
-    plain_model, audit_model = copy.deepcopy(model), copy.deepcopy(model)
-
-    t_plain = t_audit = 0.0
-    for r in range(1, n_rounds + 1):
-        t0 = time.perf_counter()
-        replies = _replies(plain_model, data, shares, contexts)
-        arrays, _ = plain.aggregate_train(r, replies)
-        plain_model.load_state_dict(arrays.to_torch_state_dict())
-        t_plain += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        replies = _replies(audit_model, data, shares, contexts)
-        audit.configure_train(
-            r, arrays_of(audit_model.state_dict()), ConfigRecord({"lr": 0.05}), None
-        )
-        arrays, _ = audit.aggregate_train(r, replies)
-        audit_model.load_state_dict(arrays.to_torch_state_dict())
-        t_audit += time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    audit.wait(3600)
-    drain = time.perf_counter() - t0
-    audit.auditor.runner.close()
-    done = sum(len(rep.clients) for rep in audit.reports.values())
-    print(
-        f"| {backend} | {clients} | {n_rounds} | {t_plain / n_rounds:.2f} | "
-        f"{t_audit / n_rounds:.2f} | {t_audit / t_plain:.2f} | {drain:.1f} | {done} |"
-    )
 
 
 def _rss_mib() -> float:
@@ -193,7 +150,12 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("process", "ray"):
-        rounds(backend, args.clients, args.rounds)
+        f = measure(backend, args.clients, args.rounds, BATCH, STEPS)
+        print(
+            f"| {backend} | {args.clients} | {args.rounds} | {f['plain']:.2f} | "
+            f"{f['audit']:.2f} | {f['audit'] / f['plain']:.2f} | {f['drain']:.1f} | "
+            f"{f['audited']} |"
+        )
 
     print()
     print("| clients | peak RSS increase MiB |")
