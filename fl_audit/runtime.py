@@ -9,9 +9,10 @@ per job, in order; nothing it runs can raise into the audit:
     (``attack_timeout_s``, ``attack_memory_mb``) each job runs in a child
     process instead, killed when it passes its cap.
 ``ProcessRunner`` (backend ``"process"``)
-    Up to ``workers`` jobs at once, each in its own child process (started
-    by a fork server, so the parent's threads are never forked), with the
-    same caps. Child processes run at a lower CPU priority than training.
+    Up to ``workers`` jobs at once, in as many long-lived child processes
+    (started by a fork server, so the parent's threads are never forked),
+    with the same caps; a process that hangs, crashes or exhausts its memory
+    is replaced. Child processes run at a lower CPU priority than training.
 ``RayRunner`` (backend ``"ray"``, extra ``fl-audit[simulation]``)
     Jobs as Ray tasks, on the cluster Flower's simulation already started,
     on one at ``ray_address``, or on a local one. A task past its cap is
@@ -28,6 +29,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import queue
 import threading
 import time
 import traceback
@@ -47,6 +49,7 @@ __all__ = [
     "InlineRunner",
     "JobOutcome",
     "JobRunner",
+    "IsolatedWorker",
     "ProcessRunner",
     "RayRunner",
     "make_runner",
@@ -102,37 +105,39 @@ def run_in_process(job: AttackJob) -> JobOutcome:
     return JobOutcome(result, None, elapsed)
 
 
-def _child(conn: Connection, payload: bytes) -> None:
-    """Body of an isolated attack process: run, send the outcome, exit.
+def _serve(conn: Connection, memory_mb: int | None) -> None:
+    """Body of an isolated worker process: run jobs until the pipe closes.
 
-    Job and outcome travel as plain pickles: torch's multiprocessing
+    Jobs and outcomes travel as plain pickles: torch's multiprocessing
     reducers would share tensors through file descriptors that vanish with
-    this process.
+    the process that made them.
     """
     with contextlib.suppress(OSError):
         os.nice(_CHILD_NICENESS)
-    try:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
-        job: AttackJob = pickle.loads(payload)
-        if job.memory_mb is not None:
-            import resource
+    torch.set_num_threads(1)
+    if memory_mb is not None:
+        import resource
 
-            limit = int(job.memory_mb) * 2**20
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        outcome = run_in_process(job)
-    except BaseException as exc:  # even a failing import must be reported
-        outcome = JobOutcome.failed(
-            f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", 0.0
-        )
-    try:
-        conn.send_bytes(pickle.dumps(outcome))
-    except Exception as exc:  # e.g. an unpicklable result
-        failed = JobOutcome.failed(f"result could not be sent back: {exc}", 0.0)
-        conn.send_bytes(pickle.dumps(failed))
-    finally:
-        conn.close()
+        limit = int(memory_mb) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            outcome = run_in_process(pickle.loads(payload))
+        except BaseException as exc:  # even a failing unpickle is reported
+            outcome = JobOutcome.failed(
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", 0.0
+            )
+        try:
+            conn.send_bytes(pickle.dumps(outcome))
+        except Exception as exc:  # e.g. an unpicklable result
+            failed = JobOutcome.failed(f"result could not be sent back: {exc}", 0.0)
+            conn.send_bytes(pickle.dumps(failed))
 
 
 _CONTEXT_LOCK = threading.Lock()
@@ -156,55 +161,100 @@ def _context() -> Any:
         return _CONTEXT
 
 
-def run_isolated(job: AttackJob) -> JobOutcome:
-    """Run the attack in a child process, killed past ``job.timeout_s``."""
-    start = time.perf_counter()
-    ctx = _context()
-    parent, child = ctx.Pipe(duplex=False)
-    try:
-        payload = pickle.dumps(job)
-    except Exception as exc:
-        return JobOutcome.failed(
-            f"the attack or its target cannot be sent to a process: {exc}",
-            _since(start),
-        )
-    proc = ctx.Process(target=_child, args=(child, payload), daemon=True)
-    try:
-        proc.start()
-    except Exception as exc:
-        return JobOutcome.failed(f"could not start a process: {exc}", _since(start))
-    child.close()
-    try:
-        ready = parent.poll(job.timeout_s)
-        if ready:
-            try:
-                outcome: JobOutcome = pickle.loads(parent.recv_bytes())
-            except EOFError:
-                outcome = _crashed(proc, start)
-            proc.join(5.0)
-            return outcome
-        proc.kill()
+class IsolatedWorker:
+    """A child process that runs jobs one at a time, replaced when it fails.
+
+    The process is started on first use and kept between jobs, so a job
+    costs a pickle, not a process start. A job past its time cap, one that
+    runs out of memory or kills the process gets its outcome, and the next
+    job gets a fresh process.
+    """
+
+    def __init__(self, memory_mb: int | None = None) -> None:
+        self.memory_mb = memory_mb
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def run(self, job: AttackJob) -> JobOutcome:
+        start = time.perf_counter()
+        try:
+            payload = pickle.dumps(job)
+        except Exception as exc:
+            return JobOutcome.failed(
+                f"the attack or its target cannot be sent to a process: {exc}",
+                _since(start),
+            )
+        if job.memory_mb != self.memory_mb:
+            self.close()
+            self.memory_mb = job.memory_mb
+        try:
+            conn = self._connection()
+            conn.send_bytes(payload)
+        except Exception as exc:
+            self.close()
+            return JobOutcome.failed(f"could not start a process: {exc}", _since(start))
+
+        if not conn.poll(job.timeout_s):
+            self.close()
+            return JobOutcome.failed(
+                f"stopped after {job.timeout_s:g} s (attack_timeout_s)",
+                _since(start),
+                status="timeout",
+            )
+        try:
+            outcome: JobOutcome = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return self._crashed(start)
+        if outcome.error and "memory" in outcome.error.lower():
+            self.close()  # a heap that hit its cap is not reused
+        return outcome
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id, ``None`` before its first job."""
+        return None if self._proc is None else int(self._proc.pid)
+
+    def _connection(self) -> Connection:
+        if self._proc is None or not self._proc.is_alive() or self._conn is None:
+            self.close()
+            ctx = _context()
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_serve, args=(child, self.memory_mb), daemon=True)
+            proc.start()
+            child.close()
+            self._proc, self._conn = proc, parent
+        return self._conn
+
+    def _crashed(self, start: float) -> JobOutcome:
+        proc = self._proc
         proc.join(5.0)
-        return JobOutcome.failed(
-            f"stopped after {job.timeout_s:g} s (attack_timeout_s)",
-            _since(start),
-            status="timeout",
+        code = proc.exitcode
+        self.close()
+        reason = (
+            f"the attack's process was killed by signal {-code}"
+            if code is not None and code < 0
+            else f"the attack's process exited with code {code}"
         )
+        return JobOutcome.failed(reason + " (out of memory?)", _since(start))
+
+    def close(self) -> None:
+        """Stop the process (a new one starts with the next job)."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5.0)
+        self._proc = self._conn = None
+
+
+def run_isolated(job: AttackJob) -> JobOutcome:
+    """Run one job in a child process of its own, killed past its time cap."""
+    worker = IsolatedWorker(job.memory_mb)
+    try:
+        return worker.run(job)
     finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-
-
-def _crashed(proc: Any, start: float) -> JobOutcome:
-    proc.join(5.0)
-    code = proc.exitcode
-    reason = (
-        f"the attack's process was killed by signal {-code}"
-        if code is not None and code < 0
-        else f"the attack's process exited with code {code}"
-    )
-    return JobOutcome.failed(reason + " (out of memory?)", _since(start))
+        worker.close()
 
 
 def _since(start: float) -> float:
@@ -253,6 +303,7 @@ class InlineRunner(JobRunner):
 
     def __init__(self, isolate: bool = False) -> None:
         self.isolate = isolate
+        self._worker = IsolatedWorker()
 
     def run(
         self, jobs: Sequence[AttackJob], deadline: float | None = None
@@ -264,8 +315,13 @@ class InlineRunner(JobRunner):
                 continue
             capped = _cap(job, deadline)
             isolated = self.isolate or capped.timeout_s is not None or job.memory_mb
-            outcomes.append(run_isolated(capped) if isolated else run_in_process(job))
+            outcomes.append(
+                self._worker.run(capped) if isolated else run_in_process(job)
+            )
         return outcomes
+
+    def close(self) -> None:
+        self._worker.close()
 
 
 class ProcessRunner(JobRunner):
@@ -276,6 +332,9 @@ class ProcessRunner(JobRunner):
     def __init__(self, workers: int) -> None:
         self.workers = max(1, int(workers))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fl-audit")
+        self._idle: queue.SimpleQueue[IsolatedWorker] = queue.SimpleQueue()
+        for _ in range(self.workers):
+            self._idle.put(IsolatedWorker())
 
     def run(
         self, jobs: Sequence[AttackJob], deadline: float | None = None
@@ -283,12 +342,18 @@ class ProcessRunner(JobRunner):
         def one(job: AttackJob) -> JobOutcome:
             if deadline is not None and time.perf_counter() >= deadline:
                 return _skipped()
-            return run_isolated(_cap(job, deadline))
+            worker = self._idle.get()
+            try:
+                return worker.run(_cap(job, deadline))
+            finally:
+                self._idle.put(worker)
 
         return list(self._pool.map(one, jobs))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        while not self._idle.empty():
+            self._idle.get().close()
 
 
 def _ray_task(job: AttackJob) -> JobOutcome:

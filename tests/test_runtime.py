@@ -11,7 +11,13 @@ from flwr.app import ConfigRecord
 from fl_audit import AuditConfig
 from fl_audit.attacks import AnalyticFCInversion
 from fl_audit.data import load_samples
-from fl_audit.runtime import AttackJob, InlineRunner, ProcessRunner, run_isolated
+from fl_audit.runtime import (
+    AttackJob,
+    InlineRunner,
+    IsolatedWorker,
+    ProcessRunner,
+    run_isolated,
+)
 from fl_audit.strategies import AuditStrategy
 from tests.attack_fakes import Hog, NaNs, Raises, Sleepy
 from tests.flower_fakes import QuietFedAvg, arrays_of, mlp, sgd_step, train_reply
@@ -159,3 +165,20 @@ def test_ray_backend_runs_attacks_as_tasks(tmp_path):
         ray.shutdown()
     assert outcomes[0].result is not None
     assert outcomes[1].status == "timeout"
+
+
+def test_a_worker_is_reused_until_a_job_kills_it():
+    worker = IsolatedWorker()
+    try:
+        assert worker.run(AttackJob(NaNs(), _target())).result is not None
+        first = worker.pid
+        assert worker.run(AttackJob(Raises(), _target())).status == "failed"
+        assert worker.pid == first  # an exception does not cost the process
+        assert (
+            worker.run(AttackJob(Sleepy(30), _target(), timeout_s=0.5)).status
+            == "timeout"
+        )
+        assert worker.run(AttackJob(NaNs(), _target())).result is not None
+        assert worker.pid != first  # the hung process was replaced
+    finally:
+        worker.close()
