@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=task.MODELS)
     parser.add_argument("--rounds", type=int, help="server rounds")
     parser.add_argument("--hospitals", type=int, default=3, help="simulated clients")
-    parser.add_argument("--output", help="report folder (audit.output-dir)")
+    parser.add_argument(
+        "--output",
+        help="report folder (audit.output-dir); default: a new folder per run "
+        "under runs/federated-hospitals/",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -73,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if value is not None:
             overrides[key] = value
-    output = Path(args.output or task.DEFAULTS["audit.output-dir"]).resolve()
+    if args.output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = (Path(task.DEFAULTS["audit.output-dir"]) / stamp).resolve()
+    else:
+        output = Path(args.output).resolve()
     overrides["audit.output-dir"] = str(output)
     task.settings(overrides)  # fail here, not inside the simulation
 
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
 
+    if not task.settings(overrides)["enable-audit"]:
+        print("the audit was disabled (enable-audit=false): no report")
+        return 0
     summary_file = output / "summary.json"
     if not summary_file.exists():
         print(f"no audit report was written (expected {summary_file})", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_audit import AuditConfig
 from fl_audit.strategies import AuditStrategy
@@ -47,17 +47,20 @@ def main(grid: Grid, run_config: Mapping[str, Any]) -> None:
     )
 
     num_nodes = len(list(grid.get_node_ids())) or 1
-    strategy = AuditStrategy(
-        FedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=float(cfg["fraction-evaluate"]),
-            min_train_nodes=num_nodes,
-            min_available_nodes=num_nodes,
-        ),
-        model=model,
-        input_shape=task.input_shape(cfg),
-        config=audit_config,
+    fedavg = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=float(cfg["fraction-evaluate"]),
+        min_train_nodes=num_nodes,
+        min_available_nodes=num_nodes,
     )
+    strategy: Strategy = fedavg
+    if cfg["enable-audit"]:
+        strategy = AuditStrategy(
+            fedavg,
+            model=model,
+            input_shape=task.input_shape(cfg),
+            config=audit_config,
+        )
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "partition-alpha": 0.5,
     "seed": 0,
     "fraction-evaluate": 0.0,
+    "enable-audit": True,
     "audit.output-dir": "runs/federated-hospitals",
     "audit.attacks": "analytic_fc",
     "audit.simulation": True,
