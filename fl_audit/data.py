@@ -25,6 +25,7 @@ in memory, read-only, after their first load.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import gzip
 import importlib
@@ -722,6 +723,7 @@ def load_samples(
     *,
     size: Size | None = None,
     seed: int = 0,
+    at_most: bool = False,
 ) -> Samples:
     """``n`` real samples of one kind, drawn reproducibly from ``seed``.
 
@@ -754,6 +756,9 @@ def load_samples(
         window length ``L`` (default 256 samples, 0.71 s at 360 Hz).
     seed:
         Seed of the draw; the same seed gives the same samples.
+    at_most:
+        Treat ``n`` as an upper bound: a kind that holds fewer samples gives
+        all it has instead of raising.
 
     Returns
     -------
@@ -794,7 +799,11 @@ def load_samples(
     if problems:
         raise InvalidInputError(f"load_samples({kind!r})", problems)
 
-    samples = loader(n, size, np.random.default_rng(seed))
+    token = _AT_MOST.set(bool(at_most))
+    try:
+        samples = loader(n, size, np.random.default_rng(seed))
+    finally:
+        _AT_MOST.reset(token)
     logger.debug("loaded %d %s samples %s", n, kind, samples.input_shape)
     return samples
 
@@ -813,8 +822,15 @@ def _parse_hw(size: object, what: str) -> tuple[int, int]:
     )
 
 
+_AT_MOST: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fl_audit_at_most", default=False
+)
+
+
 def _pick(rng: np.random.Generator, n: int, available: int, kind: str) -> np.ndarray:
     """``n`` distinct indices out of ``available``, in random order."""
+    if _AT_MOST.get():
+        n = min(n, available)
     if n > available:
         raise InvalidInputError(
             f"load_samples({kind!r})",

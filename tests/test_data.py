@@ -628,3 +628,10 @@ def test_partition_always_covers_every_index_once(
 
     joined = np.concatenate(shares)
     np.testing.assert_array_equal(np.sort(joined), np.arange(len(labels)))
+
+
+def test_at_most_gives_what_a_small_kind_holds():
+    with pytest.raises(InvalidInputError, match="holds"):
+        load_samples("mri", 500)
+    samples = load_samples("mri", 500, at_most=True)
+    assert len(samples) == len(load_samples("mri", 69)) == 69

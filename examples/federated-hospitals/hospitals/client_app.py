@@ -67,7 +67,8 @@ def train(msg: Message, context: Context, extra: Mapping[str, Any]) -> Message:
         input_range=(0.0, 1.0),
         inputs=used_x,
         labels=used_y,
-        send_ground_truth=bool(cfg["audit.send-ground-truth"]),
+        # A server without the audit would refuse a second ArrayRecord.
+        send_ground_truth=bool(cfg["audit.send-ground-truth"] and cfg["enable-audit"]),
     )
     content = RecordDict(
         {
