@@ -27,7 +27,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -258,6 +258,28 @@ def _applicability(
     return None
 
 
+def _unique_keys(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    """Give every update its own key; a repeated one says who repeated it.
+
+    Two replies can claim the same partition id (a misconfigured or hostile
+    client); their reports and files must not overwrite each other.
+    """
+    seen: dict[str, int] = {}
+    unique = []
+    for update in updates:
+        count = seen.get(update.client, 0)
+        seen[update.client] = count + 1
+        if count:
+            original = update.client
+            update = replace(update, client=f"{original}~{count + 1}")
+            update.notes.append(
+                f"another update of this round also claims {original!r} "
+                f"(node {update.node_id}); reported as {update.client!r}"
+            )
+        unique.append(update)
+    return unique
+
+
 def _update_norm(target: AttackTarget) -> float | None:
     """L2 norm of ``global - client`` (the pseudo-gradient times ``lr``)."""
     total = sum(float(g.double().pow(2).sum()) for g in target.gradients.values())
@@ -386,10 +408,12 @@ class Auditor:
         budget = self.config.round_budget_s
         deadline = None if budget is None else time.perf_counter() + budget
         train_config = dict(train_config or {})
+        updates = _unique_keys(updates)
         chosen, reasons = self.config.clients.select(
             server_round, [(u.client, u.partition_id) for u in updates]
         )
-        audited = [u for u in updates if u.client in set(chosen)]
+        keep = set(chosen)
+        audited = [u for u in updates if u.client in keep]
         skipped = [
             SkippedClient(
                 client=u.client,
@@ -623,7 +647,7 @@ class Auditor:
         update.notes.extend(state_notes)
         input_range = meta.input_range or self.config.input_range
         steps = None if update.kind == "aggregate" else meta.local_steps
-        return AttackTarget.from_update(
+        target = AttackTarget.from_update(
             self.model,
             global_keyed,
             client_keyed,
@@ -634,6 +658,21 @@ class Auditor:
             batch_size=None if update.kind == "aggregate" else meta.batch_size,
             num_classes=self.config.num_classes,
         )
+        noise = self._update_noise()
+        if not noise:
+            return target
+        # Known noise on every entry of the update (local DP, SecAgg+
+        # quantisation) sets the floor below which the attacks see nothing.
+        floor = noise / (lr or 1.0)
+        rounding = {k: max(v, floor) for k, v in target.rounding.items()}
+        return replace(target, rounding=rounding)
+
+    def _update_noise(self) -> float:
+        """Std of the noise per entry of the updates the audit sees."""
+        declared = self.config.update_noise_std or 0.0
+        dp = self.privacy
+        local = dp.noise_std if dp is not None and dp.noise_on == "update" else 0.0
+        return max(declared, local)
 
     def _capacity(
         self,

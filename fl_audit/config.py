@@ -214,6 +214,13 @@ class AuditConfig(BaseModel):
     capture_dir:
         Also write every client update (with its metadata) here, owner-only,
         for ``fl-audit replay``.
+    update_noise_std:
+        Std of noise on every entry of the updates the audit sees, when the
+        run adds some: SecAgg+ quantises each update to a step of
+        ``2 * clipping_range / quantization_range`` (3.8e-6 with Flower's
+        defaults; std about step / sqrt(12) per client); local DP adds
+        Gaussian noise (taken from ``privacy`` when ``noise_on`` is
+        ``update``). The attacks treat it as their noise floor.
     privacy:
         Differential privacy of the run when it is not a Flower DP wrapper
         around the inner strategy (those are read off it), e.g. local DP on
@@ -247,6 +254,7 @@ class AuditConfig(BaseModel):
     round_budget_s: float | None = Field(default=None, gt=0.0)
     capture_dir: Path | None = None
     privacy: PrivacySettings | None = None
+    update_noise_std: float | None = Field(default=None, ge=0.0)
     policy: Path | None = None
 
     @property

@@ -6,6 +6,7 @@ import json
 import stat
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
@@ -181,3 +182,39 @@ def test_local_dp_reports_noise_against_the_update(tmp_path):
     (a, b) = audit.reports[1].clients
     assert a.update_norm > 0 and b.update_norm > a.update_norm
     assert a.noise_to_update > b.noise_to_update > 0
+
+
+def test_declared_update_noise_sets_the_attack_noise_floor(tmp_path):
+    # Arrange: one real digit, one SGD step, Gaussian noise of std 1e-5 added
+    # to every entry of the update (as local DP or quantisation would)
+    samples = load_samples("digits", 1, seed=5)
+    model = mlp(64, 16, 10)
+    state = sgd_step(model, samples.inputs, samples.labels, 0.1)
+    gen = torch.Generator().manual_seed(0)
+    noisy = {
+        k: v + 1e-5 * torch.randn(v.shape, generator=gen) for k, v in state.items()
+    }
+    meta = {"partition-id": 0, "batch-size": 1, "local-steps": 1, "lr": 0.1}
+
+    def audit(noise):
+        cfg = AuditConfig(
+            output_dir=tmp_path / str(noise),
+            update_noise_std=noise,
+            allow_ground_truth=True,
+        )
+        strategy = AuditStrategy(
+            QuietFedAvg(), model=model, input_shape=(1, 8, 8), config=cfg
+        )
+        strategy.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
+        truth = {"inputs": samples.inputs.numpy(), "labels": samples.labels.numpy()}
+        strategy.aggregate_train(1, [train_reply(1, noisy, 1, meta=meta, truth=truth)])
+        return strategy.reports[1].clients[0].attacks[0]
+
+    # Act
+    blind, told = audit(None), audit(1e-5)
+
+    # Assert: unaware of the noise the rank fills up and the metadata looks
+    # like a lie; told the noise, the attack sees the one input again
+    assert blind.batch_size_estimate > 1
+    assert told.batch_size_estimate == 1 and told.recovered == 1
+    assert told.ground_truth.min_certified_psnr >= 40.0  # exact up to the noise

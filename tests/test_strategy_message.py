@@ -440,3 +440,25 @@ def test_replies_are_not_consumed_twice(tmp_path):
         arrays[k].numpy().tobytes() == expected[k].numpy().tobytes() for k in arrays
     )
     assert len(audit.reports[1].clients) == 3
+
+
+def test_two_replies_claiming_one_partition_are_both_reported(tmp_path):
+    model = mlp()
+    audit = AuditStrategy(
+        QuietFedAvg(),
+        model=model,
+        input_shape=(1, 8, 8),
+        config={"output_dir": tmp_path},
+    )
+    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
+    state = model.state_dict()
+    replies = [
+        train_reply(
+            n, {k: v + n for k, v in state.items()}, 1, meta={"partition-id": 4}
+        )
+        for n in (1, 2)
+    ]
+    audit.aggregate_train(1, replies)
+    first, second = audit.reports[1].clients
+    assert (first.client, second.client) == ("partition-4", "partition-4~2")
+    assert any("also claims 'partition-4'" in n for n in second.notes)

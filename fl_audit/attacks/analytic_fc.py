@@ -262,17 +262,18 @@ class AnalyticFCInversion(Attack):
             return self._result(target, [], estimate, None, start, notes)
 
         certifier = self._certifier(target, layer, notes)
+        if estimate == 1 and target.batch_size == 1:
+            # Theorem 1: one input makes every unit's ratio the input itself;
+            # the least-squares ratio over all units is it, nothing to search.
+            x = _single_input(grad)
+            label = certifier.best_labels(grad, [x])[0] if certifier else -1
+            notes.append("certified by the declared batch size 1 and a rank-1 gradient")
+            found = [_Found(x, label=label, certificate="batch_size_1")]
+            misfit = np.linalg.norm(grad.G - np.outer(grad.g, x))
+            residual = float(misfit / max(np.linalg.norm(grad.G), 1e-300))
+            return self._result(target, found, estimate, residual, start, notes)
         found = self._peel(target, grad, certifier, tol, start, notes)
         residual = float(np.linalg.norm(grad.S) / grad.scale) if grad.rank else 0.0
-        if (
-            estimate == 1
-            and target.batch_size == 1
-            and found
-            and not found[0].certificate
-        ):
-            # Theorem 1: one input makes every unit's ratio the input itself.
-            found[0].certificate = "batch_size_1"
-            notes.append("certified by the declared batch size 1 and a rank-1 gradient")
         certified = sum(bool(f.certificate) for f in found)
         if certified < estimate:
             notes.append(f"{certified} of {estimate} input(s) certified")
