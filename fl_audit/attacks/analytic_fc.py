@@ -262,7 +262,11 @@ class AnalyticFCInversion(Attack):
             return self._result(target, [], estimate, None, start, notes)
 
         certifier = self._certifier(target, layer, notes)
+        if certifier is not None and certifier.steps is not None:
+            certifier.steps.fix_batch(estimate)
         found = self._peel(target, grad, certifier, tol, start, notes)
+        if certifier is not None and certifier.steps is not None:
+            notes.append(certifier.steps.describe())
         residual = float(np.linalg.norm(grad.S) / grad.scale) if grad.rank else 0.0
         if (
             estimate == 1
@@ -325,14 +329,13 @@ class AnalyticFCInversion(Attack):
     ) -> _ModelCertifier | None:
         if not self.use_model:
             return None
+        steps: _Trajectory | None = None
         if target.source == "update":
-            notes.append(
-                "multi-step update: the weights moved during local training, so "
-                "candidates are not checked against the model (no peeling)"
-            )
-            return None
+            steps = _Trajectory.plan(target, notes)
+            if steps is None:
+                return None
         try:
-            return _ModelCertifier(target, layer)
+            return _ModelCertifier(target, layer, steps)
         except UnsupportedModelError as exc:
             notes.append(f"model certificate unavailable: {exc}")
             return None
@@ -376,6 +379,8 @@ class AnalyticFCInversion(Attack):
                 found.extend(_units_certified(grad, tol))
                 uncertified = plausible
                 break
+            if certifier.steps is not None:
+                accepted = certifier.steps.trim(accepted)
             if not accepted:
                 # The model test can be vacuous (too few live units); coinciding
                 # unit ratios still prove single inputs.
@@ -390,7 +395,10 @@ class AnalyticFCInversion(Attack):
                 grad.G, grad.g = before[0], before[1]
                 accepted = accepted[:1]
                 _subtract(grad, accepted)
-            found.extend(_Found(a.x, a.label, "model", a.weight) for a in accepted)
+            kind = "model" if certifier.steps is None else "trajectory"
+            found.extend(_Found(a.x, a.label, kind, a.weight) for a in accepted)
+            if certifier.steps is not None and certifier.steps.record(accepted):
+                certifier.advance()
         else:
             notes.append(f"stopped after max_peel_rounds={self.max_peel_rounds}")
 
@@ -586,6 +594,21 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
     return anchors
 
 
+def _onto_slice(grad: _Gradient, X: np.ndarray) -> np.ndarray:
+    """Project candidates (n, d) onto the row space, scaled to [x, 1].
+
+    Vertices of a noisy update sit slightly off the affine slice (the LP's
+    box slack); the model certificate is evaluated at the projected point.
+    """
+    Xe = np.hstack([X, np.ones((len(X), 1))])  # (n, d + 1)
+    P = (Xe @ grad.Vt.T) @ grad.Vt  # (n, d + 1)
+    last = P[:, -1:]
+    ok = np.abs(last[:, 0]) > 1e-12
+    out = X.copy()
+    out[ok] = P[ok, :-1] / last[ok]
+    return out
+
+
 def _distinct(
     cands: list[np.ndarray], known: list[_Found], tol: _Tolerances
 ) -> list[np.ndarray]:
@@ -624,8 +647,14 @@ class _ModelCertifier:
     ``a d x^T`` drops the rank by one.
     """
 
-    def __init__(self, target: AttackTarget, layer: FirstLayer) -> None:
+    def __init__(
+        self,
+        target: AttackTarget,
+        layer: FirstLayer,
+        steps: _Trajectory | None = None,
+    ) -> None:
         self.model = copy.deepcopy(target.model).double().eval()
+        self.steps = steps
         self.layer = dict(self.model.named_modules())[layer.path]
         self.input_shape = target.input_shape
         self.h = int(target.gradients[layer.weight_name or ""].shape[0])
@@ -692,7 +721,7 @@ class _ModelCertifier:
         """Candidates whose error signal lies in the column space of G."""
         if not candidates or grad.rank >= self.h:
             return []  # col(G) is the whole space: the test would prove nothing
-        X = np.stack(candidates)  # (n, d)
+        X = _onto_slice(grad, np.stack(candidates))  # (n, d)
         D, resid = self._residuals(grad, X)
         U = grad.U
 
@@ -710,12 +739,27 @@ class _ModelCertifier:
                 continue
             x, d = X[i], D[i, y]
             weight = self._weight(grad, x, d)
+            if self.steps is not None and not self.steps.weight_ok(weight):
+                continue
             if weight is None or any(
                 np.linalg.norm(x - a.x) <= 1e-6 * np.linalg.norm(x) for a in accepted
             ):
                 continue
             accepted.append(_Accepted(x, d, y, weight))
         return accepted
+
+    def advance(self) -> None:
+        """Replay one local SGD step on the inputs certified for it."""
+        assert self.steps is not None
+        X, y = self.steps.completed[-1]
+        inputs = torch.from_numpy(X).reshape(len(X), *self.input_shape)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss = nn.functional.cross_entropy(self.model(inputs), torch.from_numpy(y))
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= self.steps.lr * g
+        logger.debug("analytic_fc: replayed local step %d", len(self.steps.completed))
 
     @staticmethod
     def _informative(U: np.ndarray, D: np.ndarray) -> bool:
@@ -742,3 +786,73 @@ class _ModelCertifier:
         if inner <= 0:
             return None
         return 1.0 / inner
+
+
+@dataclass
+class _Trajectory:
+    """The local SGD steps of a FedAvg update, replayed as they are certified.
+
+    Step ``t``'s gradient was taken at the weights ``theta_t``; its inputs'
+    error signals at ``theta_t`` are columns of the update's first-layer
+    delta. The weights the client started from are known (``theta_0``), so
+    the first step's inputs are certified and peeled like a batch's; once
+    all ``batch`` of them are found, ``theta_1 = theta_0 - lr * grad`` is
+    replayed from them and the next step's inputs become certifiable.
+    """
+
+    lr: float
+    batch: int
+    steps: int
+    current: list[_Accepted] = field(default_factory=list)
+    completed: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, target: AttackTarget, notes: list[str]) -> _Trajectory | None:
+        """The replay plan, or None (with a note) when it cannot be known."""
+        steps, lr = target.local_steps, target.lr
+        if lr is None or steps is None:
+            notes.append(
+                "multi-step update without lr and local_steps: the weights of "
+                "later local steps are unknown, so candidates are not checked "
+                "against the model (no peeling)"
+            )
+            return None
+        return cls(lr=float(lr), batch=target.batch_size or 0, steps=int(steps))
+
+    def fix_batch(self, rank: int) -> None:
+        """Infer the local batch from the rank (N distinct inputs, equal steps)."""
+        if self.batch == 0 and self.steps > 0 and rank % self.steps == 0:
+            self.batch = rank // self.steps
+
+    def trim(self, accepted: list[_Accepted]) -> list[_Accepted]:
+        """At most the inputs still missing from the current step."""
+        if self.batch == 0 or len(self.completed) >= self.steps:
+            return []
+        return accepted[: self.batch - len(self.current)]
+
+    def record(self, accepted: list[_Accepted]) -> bool:
+        """Add certified inputs; True when the current step is complete."""
+        self.current.extend(accepted)
+        if len(self.current) < self.batch:
+            return False
+        X = np.stack([a.x for a in self.current])
+        y = np.array([a.label for a in self.current], dtype=np.int64)
+        self.completed.append((X, y))
+        self.current = []
+        return len(self.completed) < self.steps
+
+    def weight_ok(self, weight: float | None) -> bool:
+        """A step's inputs enter the mean loss of its batch with weight 1/batch."""
+        return weight is not None and abs(weight * self.batch - 1.0) <= 1e-4
+
+    def describe(self) -> str:
+        if self.batch == 0:
+            return (
+                "multi-step update: the local batch size is unknown (give "
+                "batch_size) so local steps were not replayed"
+            )
+        return (
+            f"multi-step update: replayed {len(self.completed)} of {self.steps} "
+            f"local step(s) of {self.batch}; {len(self.current)} input(s) of the "
+            "next step certified before candidates ran out"
+        )
