@@ -230,8 +230,9 @@ class AnalyticFCInversion(Attack):
         )
         tol = _Tolerances.for_precision(eps, span)
         grad = _Gradient(
-            G=raw_w.detach().double().cpu().numpy(),
-            g=target.gradients[layer.bias_name].detach().double().cpu().numpy(),
+            # Copies: peeling subtracts in place and must not touch the target.
+            G=raw_w.detach().double().cpu().numpy().copy(),
+            g=target.gradients[layer.bias_name].detach().double().cpu().numpy().copy(),
             rank_tol=tol.rank,
         )
         grad.refresh()
@@ -362,15 +363,18 @@ class AnalyticFCInversion(Attack):
                     f"{round_} peeling round(s)"
                 )
                 break
-            candidates, plausible = self._candidates(
-                target, grad, tol, notes if round_ == 0 else None
-            )
             if certifier is None:
+                _, plausible = self._candidates(
+                    target, grad, tol, notes if round_ == 0 else None
+                )
                 found.extend(_units_certified(grad, tol))
                 uncertified = plausible
                 break
+            plausible = []
             try:
-                accepted = certifier.certify(grad, candidates, tol)
+                accepted, plausible = self._certify_cheap_first(
+                    target, grad, certifier, tol, notes if round_ == 0 else None
+                )
             except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
                 # A model that cannot be re-run on candidates (odd outputs,
                 # custom losses) leaves the gradient-only evidence.
@@ -411,6 +415,28 @@ class AnalyticFCInversion(Attack):
         found.extend(_Found(x, label) for x, label in zip(rest, labels, strict=True))
         return found
 
+    def _certify_cheap_first(
+        self,
+        target: AttackTarget,
+        grad: _Gradient,
+        certifier: _ModelCertifier,
+        tol: _Tolerances,
+        notes: list[str] | None,
+    ) -> tuple[list[_Accepted], list[np.ndarray]]:
+        """Certify the cheap candidates; run the linear programs only if none pass.
+
+        Returns the accepted inputs and the candidates worth reporting
+        uncertified.
+        """
+        cheap, plausible = self._candidates(target, grad, tol, notes, cheap=True)
+        accepted = certifier.certify(grad, cheap, tol)
+        if certifier.steps is not None:
+            accepted = certifier.steps.trim(accepted)
+        if accepted or grad.rank == 1:
+            return accepted, plausible
+        full, plausible = self._candidates(target, grad, tol, notes)
+        return certifier.certify(grad, full, tol), plausible
+
     # -------------------------------------------------------------- candidates
 
     def _candidates(
@@ -419,16 +445,27 @@ class AnalyticFCInversion(Attack):
         grad: _Gradient,
         tol: _Tolerances,
         notes: list[str] | None,
+        cheap: bool = False,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """All candidates to certify, and those worth reporting uncertified.
 
         Unit ratios of multi-input units are mixtures, so only vertices (and
         the single-input ratio) are reported when they cannot be certified.
+        ``cheap`` tries unit ratios and the separable read-off only (no
+        linear programs).
         """
         if grad.rank == 1:
             # One input left: the least-squares ratio over all units.
             single = [_single_input(grad)]
             return single, single
+        if cheap:
+            sep = (
+                _separable(grad, target.input_range)
+                if self.vertex_candidates and target.input_range is not None
+                else []
+            )
+            cands = _distinct(sep + _unit_ratios(grad), [], tol)
+            return cands[: self.max_candidates], []
 
         vertices: list[np.ndarray] = []
         if self.vertex_candidates and target.input_range is not None:
@@ -531,6 +568,30 @@ def _vertices(
     return out
 
 
+def _separable(grad: _Gradient, input_range: tuple[float, float]) -> list[np.ndarray]:
+    """Inputs read off at once when every input lights a pixel of its own.
+
+    At such anchor pixels the columns of ``G - low * g 1^T`` are the inputs'
+    error signals, scaled; inverting them on the stacked gradient gives one
+    row per input, exact up to scale, and the bias entry fixes the scale.
+    One successive projection and one r x r solve, no linear program; a
+    mixture (anchors not pure) fails the model certificate downstream.
+    """
+    lo = input_range[0]
+    shifted = grad.G - lo * grad.g[:, None]  # (h, d)
+    Y = grad.U.T @ shifted  # (r, d)
+    anchors = _anchor_pixels(Y, grad.rank)
+    if len(anchors) < grad.rank:
+        return []
+    A = Y[:, anchors]  # (r, r): anchor columns in the column basis
+    if np.linalg.cond(A) > 1e12:
+        return []
+    rows = np.linalg.solve(A, grad.S[:, None] * grad.Vt)  # (r, d + 1)
+    last = rows[:, -1]
+    ok = np.abs(last) > 1e-12 * np.abs(rows).max(axis=1)
+    return [rows[i, :-1] / last[i] for i in np.flatnonzero(ok)]
+
+
 def _snap_to_face(
     V: np.ndarray,
     last: np.ndarray,
@@ -569,17 +630,21 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
         return []
     unit = Y[:, live] / norms[live]  # (r, n)
     r = Y.shape[0]
-    # max t s.t. q . unit_p >= t, -1 <= q <= 1
-    res = linprog(
-        np.r_[np.zeros(r), -1.0],
-        A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
-        b_ub=np.zeros(live.size),
-        bounds=[(-1, 1)] * r + [(None, None)],
-        method="highs",
-    )
-    if res.status != 0 or res.x[-1] <= 1e-12:
-        return []  # the columns do not lie in a pointed cone: no anchors
-    q = res.x[:r]
+    # The mean direction of the columns usually sees them all on one side;
+    # otherwise max t s.t. q . unit_p >= t, -1 <= q <= 1 (one small LP).
+    q = unit.sum(axis=1)
+    q /= max(float(np.linalg.norm(q)), 1e-300)
+    if float((q @ unit).min()) <= 1e-6:
+        res = linprog(
+            np.r_[np.zeros(r), -1.0],
+            A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
+            b_ub=np.zeros(live.size),
+            bounds=[(-1, 1)] * r + [(None, None)],
+            method="highs",
+        )
+        if res.status != 0 or res.x[-1] <= 1e-12:
+            return []  # the columns do not lie in a pointed cone: no anchors
+        q = res.x[:r]
     Z = Y[:, live] / (q @ Y[:, live])  # (r, n) on the slice q . z = 1
 
     anchors: list[int] = []
