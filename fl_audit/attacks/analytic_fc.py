@@ -823,7 +823,7 @@ class _ModelCertifier:
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
-                p -= self.steps.lr * g
+                p.sub_(self.steps.lr * g)
         logger.debug("analytic_fc: replayed local step %d", len(self.steps.completed))
 
     @staticmethod
