@@ -24,8 +24,12 @@ per input: the rank of ``dL/dW`` is B when the layer has enough units (result
    repeats on the rest. *units*: two or more units whose ratio vectors agree
    to within rounding are, almost surely, units of a single input.
 3. FedAvg updates (several local steps): the first-layer delta still mixes
-   exactly the N distinct inputs touched; candidates apply, peeling does not
-   (the weights moved), so only the *units* certificate is available.
+   exactly the N distinct inputs touched. The first step's inputs are
+   certified at the known starting weights and peeled (*trajectory*); when a
+   step's inputs are all found, the step is replayed (plain SGD with the
+   target's ``lr``) and the next step's inputs are certified at the new
+   weights. Without ``lr`` and ``local_steps`` only the *units* certificate
+   is available.
 
 Notes
 -----
