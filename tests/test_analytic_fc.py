@@ -153,28 +153,10 @@ def test_fewer_units_than_inputs_certifies_nothing_false(fashion_mnist: Samples)
 
 def test_fedavg_update_recovers_part_of_the_local_set(fashion_mnist: Samples):
     # Arrange: one client, N = 32 images, batches of 8, 4 SGD steps, h = 128.
-    # Measured: 6 of 32 at >= 30 dB on these dense garments (vertex candidates
-    # need pixels lit by one image only; no peeling without the trajectory).
+    # Measured: 6 of 32 at >= 30 dB on these dense garments, 3 of them
+    # certified at the starting weights (the goal of 16 is not met).
     x, y = fashion_mnist.inputs[:32].float(), fashion_mnist.labels[:32]
-    model = _mlp(784, 128, torch.float32)
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    client = _mlp(784, 128, torch.float32)
-    client.load_state_dict(global_state)
-    opt = torch.optim.SGD(client.parameters(), lr=0.1)
-    for step in range(4):
-        opt.zero_grad()
-        batch = slice(8 * step, 8 * step + 8)
-        nn.functional.cross_entropy(client(x[batch]), y[batch]).backward()
-        opt.step()
-    target = AttackTarget.from_update(
-        model,
-        global_state,
-        client.state_dict(),
-        (1, 28, 28),
-        lr=0.1,
-        local_steps=4,
-        input_range=(0.0, 1.0),
-    )
+    target = _fedavg_target(x, y, hidden=128, batch=8)
 
     # Act
     result = AnalyticFCInversion().run(target)
@@ -183,8 +165,67 @@ def test_fedavg_update_recovers_part_of_the_local_set(fashion_mnist: Samples):
     report = match_inputs(result.inputs, x, data_range=1.0)
     assert result.batch_size_estimate == 32
     assert report.recovered(30.0) >= 5
+    assert "trajectory" in result.certificates
     assert _false_certificates(result, x, min_psnr=30.0) == 0
     assert any("multi-step update" in note for note in result.notes)
+
+
+def test_fedavg_replays_a_local_step_from_certified_inputs(fashion_mnist: Samples):
+    # Arrange: N = 8 garments, batches of 2, 4 SGD steps, h = 64 (float32)
+    x, y = fashion_mnist.inputs[:8].float(), fashion_mnist.labels[:8]
+    target = _fedavg_target(x, y, hidden=64, batch=2)
+
+    # Act
+    result = AnalyticFCInversion().run(target)
+
+    # Assert: step 1 is certified at the replayed weights theta_1
+    replay = next(n for n in result.notes if "replayed" in n)
+    assert int(replay.split("replayed ")[1].split()[0]) >= 1
+    assert result.certificates.count("trajectory") >= 3
+    assert _false_certificates(result, x, min_psnr=60.0) == 0
+
+
+def test_rerun_on_the_same_target_gives_the_same_result(fashion_mnist: Samples):
+    # Arrange
+    x, y = fashion_mnist.inputs[:4].double(), fashion_mnist.labels[:4]
+    model = _mlp(784, 8, torch.float64)
+    grads = _gradient(model, x, y)
+    kept = {k: v.clone() for k, v in grads.items()}
+    target = AttackTarget.from_gradients(
+        model, grads, (1, 28, 28), input_range=(0.0, 1.0)
+    )
+
+    # Act
+    first = AnalyticFCInversion().run(target)
+    second = AnalyticFCInversion().run(target)
+
+    # Assert: peeling works on a copy; the target's gradients are untouched
+    assert first.num_certified == second.num_certified == 4
+    assert all(torch.equal(target.gradients[k], kept[k]) for k in kept)
+
+
+def _fedavg_target(x: torch.Tensor, y: torch.Tensor, hidden: int, batch: int):
+    """A FedAvg update of plain SGD (lr 0.1) over x in consecutive batches."""
+    model = _mlp(x[0].numel(), hidden, torch.float32)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    client = _mlp(x[0].numel(), hidden, torch.float32)
+    client.load_state_dict(global_state)
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    steps = len(x) // batch
+    for step in range(steps):
+        opt.zero_grad()
+        part = slice(batch * step, batch * step + batch)
+        nn.functional.cross_entropy(client(x[part]), y[part]).backward()
+        opt.step()
+    return AttackTarget.from_update(
+        model,
+        global_state,
+        client.state_dict(),
+        tuple(x.shape[1:]),
+        lr=0.1,
+        local_steps=steps,
+        input_range=(0.0, 1.0),
+    )
 
 
 def test_conv_first_layer_is_declined_with_its_path():

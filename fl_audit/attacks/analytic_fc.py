@@ -24,8 +24,12 @@ per input: the rank of ``dL/dW`` is B when the layer has enough units (result
    repeats on the rest. *units*: two or more units whose ratio vectors agree
    to within rounding are, almost surely, units of a single input.
 3. FedAvg updates (several local steps): the first-layer delta still mixes
-   exactly the N distinct inputs touched; candidates apply, peeling does not
-   (the weights moved), so only the *units* certificate is available.
+   exactly the N distinct inputs touched. The first step's inputs are
+   certified at the known starting weights and peeled (*trajectory*); when a
+   step's inputs are all found, the step is replayed (plain SGD with the
+   target's ``lr``) and the next step's inputs are certified at the new
+   weights. Without ``lr`` and ``local_steps`` only the *units* certificate
+   is available.
 
 Notes
 -----
@@ -230,8 +234,9 @@ class AnalyticFCInversion(Attack):
         )
         tol = _Tolerances.for_precision(eps, span)
         grad = _Gradient(
-            G=raw_w.detach().double().cpu().numpy(),
-            g=target.gradients[layer.bias_name].detach().double().cpu().numpy(),
+            # Copies: peeling subtracts in place and must not touch the target.
+            G=raw_w.detach().double().cpu().numpy().copy(),
+            g=target.gradients[layer.bias_name].detach().double().cpu().numpy().copy(),
             rank_tol=tol.rank,
         )
         grad.refresh()
@@ -269,10 +274,14 @@ class AnalyticFCInversion(Attack):
             label = certifier.best_labels(grad, [x])[0] if certifier else -1
             notes.append("certified by the declared batch size 1 and a rank-1 gradient")
             found = [_Found(x, label=label, certificate="batch_size_1")]
-            misfit = np.linalg.norm(grad.G - np.outer(grad.g, x))
-            residual = float(misfit / max(np.linalg.norm(grad.G), 1e-300))
+            misfit = float(np.linalg.norm(grad.G - np.outer(grad.g, x)))
+            residual = misfit / max(float(np.linalg.norm(grad.G)), 1e-300)
             return self._result(target, found, estimate, residual, start, notes)
+        if certifier is not None and certifier.steps is not None:
+            certifier.steps.fix_batch(estimate)
         found = self._peel(target, grad, certifier, tol, start, notes)
+        if certifier is not None and certifier.steps is not None:
+            notes.append(certifier.steps.describe())
         residual = float(np.linalg.norm(grad.S) / grad.scale) if grad.rank else 0.0
         certified = sum(bool(f.certificate) for f in found)
         if certified < estimate:
@@ -326,14 +335,13 @@ class AnalyticFCInversion(Attack):
     ) -> _ModelCertifier | None:
         if not self.use_model:
             return None
+        steps: _Trajectory | None = None
         if target.source == "update":
-            notes.append(
-                "multi-step update: the weights moved during local training, so "
-                "candidates are not checked against the model (no peeling)"
-            )
-            return None
+            steps = _Trajectory.plan(target, notes)
+            if steps is None:
+                return None
         try:
-            return _ModelCertifier(target, layer)
+            return _ModelCertifier(target, layer, steps)
         except UnsupportedModelError as exc:
             notes.append(f"model certificate unavailable: {exc}")
             return None
@@ -360,15 +368,18 @@ class AnalyticFCInversion(Attack):
                     f"{round_} peeling round(s)"
                 )
                 break
-            candidates, plausible = self._candidates(
-                target, grad, tol, notes if round_ == 0 else None
-            )
             if certifier is None:
+                _, plausible = self._candidates(
+                    target, grad, tol, notes if round_ == 0 else None
+                )
                 found.extend(_units_certified(grad, tol))
                 uncertified = plausible
                 break
+            plausible = []
             try:
-                accepted = certifier.certify(grad, candidates, tol)
+                accepted, plausible = self._certify_cheap_first(
+                    target, grad, certifier, tol, notes if round_ == 0 else None
+                )
             except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
                 # A model that cannot be re-run on candidates (odd outputs,
                 # custom losses) leaves the gradient-only evidence.
@@ -377,6 +388,8 @@ class AnalyticFCInversion(Attack):
                 found.extend(_units_certified(grad, tol))
                 uncertified = plausible
                 break
+            if certifier.steps is not None:
+                accepted = certifier.steps.trim(accepted)
             if not accepted:
                 # The model test can be vacuous (too few live units); coinciding
                 # unit ratios still prove single inputs.
@@ -391,7 +404,10 @@ class AnalyticFCInversion(Attack):
                 grad.G, grad.g = before[0], before[1]
                 accepted = accepted[:1]
                 _subtract(grad, accepted)
-            found.extend(_Found(a.x, a.label, "model", a.weight) for a in accepted)
+            kind = "model" if certifier.steps is None else "trajectory"
+            found.extend(_Found(a.x, a.label, kind, a.weight) for a in accepted)
+            if certifier.steps is not None and certifier.steps.record(accepted):
+                certifier.advance()
         else:
             notes.append(f"stopped after max_peel_rounds={self.max_peel_rounds}")
 
@@ -404,6 +420,28 @@ class AnalyticFCInversion(Attack):
         found.extend(_Found(x, label) for x, label in zip(rest, labels, strict=True))
         return found
 
+    def _certify_cheap_first(
+        self,
+        target: AttackTarget,
+        grad: _Gradient,
+        certifier: _ModelCertifier,
+        tol: _Tolerances,
+        notes: list[str] | None,
+    ) -> tuple[list[_Accepted], list[np.ndarray]]:
+        """Certify the cheap candidates; run the linear programs only if none pass.
+
+        Returns the accepted inputs and the candidates worth reporting
+        uncertified.
+        """
+        cheap, plausible = self._candidates(target, grad, tol, notes, cheap=True)
+        accepted = certifier.certify(grad, cheap, tol)
+        if certifier.steps is not None:
+            accepted = certifier.steps.trim(accepted)
+        if accepted or grad.rank == 1:
+            return accepted, plausible
+        full, plausible = self._candidates(target, grad, tol, notes)
+        return certifier.certify(grad, full, tol), plausible
+
     # -------------------------------------------------------------- candidates
 
     def _candidates(
@@ -412,16 +450,27 @@ class AnalyticFCInversion(Attack):
         grad: _Gradient,
         tol: _Tolerances,
         notes: list[str] | None,
+        cheap: bool = False,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """All candidates to certify, and those worth reporting uncertified.
 
         Unit ratios of multi-input units are mixtures, so only vertices (and
         the single-input ratio) are reported when they cannot be certified.
+        ``cheap`` tries unit ratios and the separable read-off only (no
+        linear programs).
         """
         if grad.rank == 1:
             # One input left: the least-squares ratio over all units.
             single = [_single_input(grad)]
             return single, single
+        if cheap:
+            sep = (
+                _separable(grad, target.input_range)
+                if self.vertex_candidates and target.input_range is not None
+                else []
+            )
+            cands = _distinct(sep + _unit_ratios(grad), [], tol)
+            return cands[: self.max_candidates], []
 
         vertices: list[np.ndarray] = []
         if self.vertex_candidates and target.input_range is not None:
@@ -524,6 +573,30 @@ def _vertices(
     return out
 
 
+def _separable(grad: _Gradient, input_range: tuple[float, float]) -> list[np.ndarray]:
+    """Inputs read off at once when every input lights a pixel of its own.
+
+    At such anchor pixels the columns of ``G - low * g 1^T`` are the inputs'
+    error signals, scaled; inverting them on the stacked gradient gives one
+    row per input, exact up to scale, and the bias entry fixes the scale.
+    One successive projection and one r x r solve, no linear program; a
+    mixture (anchors not pure) fails the model certificate downstream.
+    """
+    lo = input_range[0]
+    shifted = grad.G - lo * grad.g[:, None]  # (h, d)
+    Y = grad.U.T @ shifted  # (r, d)
+    anchors = _anchor_pixels(Y, grad.rank)
+    if len(anchors) < grad.rank:
+        return []
+    A = Y[:, anchors]  # (r, r): anchor columns in the column basis
+    if np.linalg.cond(A) > 1e12:
+        return []
+    rows = np.linalg.solve(A, grad.S[:, None] * grad.Vt)  # (r, d + 1)
+    last = rows[:, -1]
+    ok = np.abs(last) > 1e-12 * np.abs(rows).max(axis=1)
+    return [rows[i, :-1] / last[i] for i in np.flatnonzero(ok)]
+
+
 def _snap_to_face(
     V: np.ndarray,
     last: np.ndarray,
@@ -562,17 +635,21 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
         return []
     unit = Y[:, live] / norms[live]  # (r, n)
     r = Y.shape[0]
-    # max t s.t. q . unit_p >= t, -1 <= q <= 1
-    res = linprog(
-        np.r_[np.zeros(r), -1.0],
-        A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
-        b_ub=np.zeros(live.size),
-        bounds=[(-1, 1)] * r + [(None, None)],
-        method="highs",
-    )
-    if res.status != 0 or res.x[-1] <= 1e-12:
-        return []  # the columns do not lie in a pointed cone: no anchors
-    q = res.x[:r]
+    # The mean direction of the columns usually sees them all on one side;
+    # otherwise max t s.t. q . unit_p >= t, -1 <= q <= 1 (one small LP).
+    q = unit.sum(axis=1)
+    q /= max(float(np.linalg.norm(q)), 1e-300)
+    if float((q @ unit).min()) <= 1e-6:
+        res = linprog(
+            np.r_[np.zeros(r), -1.0],
+            A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
+            b_ub=np.zeros(live.size),
+            bounds=[(-1, 1)] * r + [(None, None)],
+            method="highs",
+        )
+        if res.status != 0 or res.x[-1] <= 1e-12:
+            return []  # the columns do not lie in a pointed cone: no anchors
+        q = res.x[:r]
     Z = Y[:, live] / (q @ Y[:, live])  # (r, n) on the slice q . z = 1
 
     anchors: list[int] = []
@@ -585,6 +662,21 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
         u = R[:, j] / np.linalg.norm(R[:, j])
         R -= np.outer(u, u @ R)
     return anchors
+
+
+def _onto_slice(grad: _Gradient, X: np.ndarray) -> np.ndarray:
+    """Project candidates (n, d) onto the row space, scaled to [x, 1].
+
+    Vertices of a noisy update sit slightly off the affine slice (the LP's
+    box slack); the model certificate is evaluated at the projected point.
+    """
+    Xe = np.hstack([X, np.ones((len(X), 1))])  # (n, d + 1)
+    P = (Xe @ grad.Vt.T) @ grad.Vt  # (n, d + 1)
+    last = P[:, -1:]
+    ok = np.abs(last[:, 0]) > 1e-12
+    out = X.copy()
+    out[ok] = P[ok, :-1] / last[ok]
+    return out
 
 
 def _distinct(
@@ -625,8 +717,14 @@ class _ModelCertifier:
     ``a d x^T`` drops the rank by one.
     """
 
-    def __init__(self, target: AttackTarget, layer: FirstLayer) -> None:
+    def __init__(
+        self,
+        target: AttackTarget,
+        layer: FirstLayer,
+        steps: _Trajectory | None = None,
+    ) -> None:
         self.model = copy.deepcopy(target.model).double().eval()
+        self.steps = steps
         self.layer = dict(self.model.named_modules())[layer.path]
         self.input_shape = target.input_shape
         self.h = int(target.gradients[layer.weight_name or ""].shape[0])
@@ -693,7 +791,7 @@ class _ModelCertifier:
         """Candidates whose error signal lies in the column space of G."""
         if not candidates or grad.rank >= self.h:
             return []  # col(G) is the whole space: the test would prove nothing
-        X = np.stack(candidates)  # (n, d)
+        X = _onto_slice(grad, np.stack(candidates))  # (n, d)
         D, resid = self._residuals(grad, X)
         U = grad.U
 
@@ -711,12 +809,27 @@ class _ModelCertifier:
                 continue
             x, d = X[i], D[i, y]
             weight = self._weight(grad, x, d)
+            if self.steps is not None and not self.steps.weight_ok(weight):
+                continue
             if weight is None or any(
                 np.linalg.norm(x - a.x) <= 1e-6 * np.linalg.norm(x) for a in accepted
             ):
                 continue
             accepted.append(_Accepted(x, d, y, weight))
         return accepted
+
+    def advance(self) -> None:
+        """Replay one local SGD step on the inputs certified for it."""
+        assert self.steps is not None
+        X, y = self.steps.completed[-1]
+        inputs = torch.from_numpy(X).reshape(len(X), *self.input_shape)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss = nn.functional.cross_entropy(self.model(inputs), torch.from_numpy(y))
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(self.steps.lr * g)
+        logger.debug("analytic_fc: replayed local step %d", len(self.steps.completed))
 
     @staticmethod
     def _informative(U: np.ndarray, D: np.ndarray) -> bool:
@@ -743,3 +856,73 @@ class _ModelCertifier:
         if inner <= 0:
             return None
         return 1.0 / inner
+
+
+@dataclass
+class _Trajectory:
+    """The local SGD steps of a FedAvg update, replayed as they are certified.
+
+    Step ``t``'s gradient was taken at the weights ``theta_t``; its inputs'
+    error signals at ``theta_t`` are columns of the update's first-layer
+    delta. The weights the client started from are known (``theta_0``), so
+    the first step's inputs are certified and peeled like a batch's; once
+    all ``batch`` of them are found, ``theta_1 = theta_0 - lr * grad`` is
+    replayed from them and the next step's inputs become certifiable.
+    """
+
+    lr: float
+    batch: int
+    steps: int
+    current: list[_Accepted] = field(default_factory=list)
+    completed: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, target: AttackTarget, notes: list[str]) -> _Trajectory | None:
+        """The replay plan, or None (with a note) when it cannot be known."""
+        steps, lr = target.local_steps, target.lr
+        if lr is None or steps is None:
+            notes.append(
+                "multi-step update without lr and local_steps: the weights of "
+                "later local steps are unknown, so candidates are not checked "
+                "against the model (no peeling)"
+            )
+            return None
+        return cls(lr=float(lr), batch=target.batch_size or 0, steps=int(steps))
+
+    def fix_batch(self, rank: int) -> None:
+        """Infer the local batch from the rank (N distinct inputs, equal steps)."""
+        if self.batch == 0 and self.steps > 0 and rank % self.steps == 0:
+            self.batch = rank // self.steps
+
+    def trim(self, accepted: list[_Accepted]) -> list[_Accepted]:
+        """At most the inputs still missing from the current step."""
+        if self.batch == 0 or len(self.completed) >= self.steps:
+            return []
+        return accepted[: self.batch - len(self.current)]
+
+    def record(self, accepted: list[_Accepted]) -> bool:
+        """Add certified inputs; True when the current step is complete."""
+        self.current.extend(accepted)
+        if len(self.current) < self.batch:
+            return False
+        X = np.stack([a.x for a in self.current])
+        y = np.array([a.label for a in self.current], dtype=np.int64)
+        self.completed.append((X, y))
+        self.current = []
+        return len(self.completed) < self.steps
+
+    def weight_ok(self, weight: float | None) -> bool:
+        """A step's inputs enter the mean loss of its batch with weight 1/batch."""
+        return weight is not None and abs(weight * self.batch - 1.0) <= 1e-4
+
+    def describe(self) -> str:
+        if self.batch == 0:
+            return (
+                "multi-step update: the local batch size is unknown (give "
+                "batch_size) so local steps were not replayed"
+            )
+        return (
+            f"multi-step update: replayed {len(self.completed)} of {self.steps} "
+            f"local step(s) of {self.batch}; {len(self.current)} input(s) of the "
+            "next step certified before candidates ran out"
+        )
