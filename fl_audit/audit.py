@@ -61,7 +61,13 @@ from fl_audit.report import (
     UpdateKind,
     dumps_scalar_config,
 )
-from fl_audit.runtime import AttackJob, JobOutcome, JobRunner, make_runner
+from fl_audit.runtime import (
+    AttackJob,
+    JobOutcome,
+    JobRunner,
+    limited_threads,
+    make_runner,
+)
 
 __all__ = [
     "Auditor",
@@ -434,14 +440,15 @@ class Auditor:
 
         clients: list[ClientAudit] = []
         step = max(1, getattr(self.runner, "workers", 1))
-        for first in range(0, len(audited), step):
-            clients += self._audit_clients(
-                server_round,
-                global_state,
-                audited[first : first + step],
-                train_config,
-                deadline,
-            )
+        with limited_threads(self.config.attack_threads):
+            for first in range(0, len(audited), step):
+                clients += self._audit_clients(
+                    server_round,
+                    global_state,
+                    audited[first : first + step],
+                    train_config,
+                    deadline,
+                )
         index = self._offset + server_round
         if self._offset:
             notes = [
@@ -533,6 +540,7 @@ class Auditor:
                             self._timeout(attack),
                             self.config.attack_memory_mb,
                             f"{prep.update.client}/{attack.name}",
+                            self.config.attack_threads,
                         )
                     )
             slots.append(row)

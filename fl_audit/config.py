@@ -208,6 +208,10 @@ class AuditConfig(BaseModel):
     attack_memory_mb:
         Cap on one attack's address space (``RLIMIT_AS``) in MiB; it
         includes the 1-2 GiB torch maps at start, so set it well above.
+    attack_threads:
+        Threads torch and BLAS may use while the audit of a round runs
+        (default 1: many small solves, and the cores belong to training);
+        ``None`` leaves the thread pools as they are.
     round_budget_s:
         Seconds the audit of one round may take; attacks not started when it
         is spent are reported as not run.
@@ -251,6 +255,7 @@ class AuditConfig(BaseModel):
     final_wait_s: float = Field(default=600.0, ge=0.0)
     attack_timeout_s: float | None = Field(default=None, gt=0.0)
     attack_memory_mb: int | None = Field(default=None, ge=64)
+    attack_threads: int | None = Field(default=1, ge=1)
     round_budget_s: float | None = Field(default=None, gt=0.0)
     capture_dir: Path | None = None
     privacy: PrivacySettings | None = None
