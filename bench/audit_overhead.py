@@ -89,7 +89,7 @@ def client_round(model, x, y, ctx, batch, steps, lr):
 
 
 def measure(
-    backend: str, clients: int, rounds: int, batch: int, steps: int
+    backend: str, clients: int, rounds: int, batch: int, steps: int, workers: int = 2
 ) -> dict[str, float]:
     """Mean round time (training + aggregate_train) without and with the audit.
 
@@ -105,7 +105,9 @@ def measure(
     )
     contexts = [context(i) for i in range(clients)]
     out = Path(tempfile.mkdtemp(prefix=f"fl-audit-{backend}-"))
-    cfg = AuditConfig(output_dir=out, backend=backend, input_range=(0.0, 1.0))
+    cfg = AuditConfig(
+        output_dir=out, backend=backend, workers=workers, input_range=(0.0, 1.0)
+    )
     audited = AuditStrategy(
         QuietFedAvg(), model=start, input_shape=(1, 28, 28), config=cfg
     )

@@ -131,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2, help="audit workers")
     parser.add_argument("--memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
@@ -150,7 +151,7 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("process", "ray"):
-        f = measure(backend, args.clients, args.rounds, BATCH, STEPS)
+        f = measure(backend, args.clients, args.rounds, BATCH, STEPS, args.workers)
         print(
             f"| {backend} | {args.clients} | {args.rounds} | {f['plain']:.2f} | "
             f"{f['audit']:.2f} | {f['audit'] / f['plain']:.2f} | {f['drain']:.1f} | "

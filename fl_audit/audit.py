@@ -365,6 +365,8 @@ class Auditor:
         self.writer.write_policy(self.policy.model_dump_json(indent=2))
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
         self.privacy: PrivacySettings | None = config.privacy
+        # The global model of the round being audited, shared by its clients.
+        self._start: tuple[Mapping[str, np.ndarray], nn.Module] | None = None
         self._offset = self.writer.offset
         if self._offset:
             logger.info(
@@ -655,6 +657,11 @@ class Auditor:
         update.notes.extend(state_notes)
         input_range = meta.input_range or self.config.input_range
         steps = None if update.kind == "aggregate" else meta.local_steps
+        if self._start is None or self._start[0] is not global_state:
+            self._start = (
+                global_state,
+                AttackTarget.start_model(self.model, global_keyed),
+            )
         target = AttackTarget.from_update(
             self.model,
             global_keyed,
@@ -665,6 +672,7 @@ class Auditor:
             input_range=input_range,
             batch_size=None if update.kind == "aggregate" else meta.batch_size,
             num_classes=self.config.num_classes,
+            start_model=self._start[1],
         )
         noise = self._update_noise()
         if not noise:

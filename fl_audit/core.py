@@ -100,6 +100,13 @@ class AttackTarget:
         """Number of values in one input."""
         return math.prod(self.input_shape)
 
+    @staticmethod
+    def start_model(
+        model: nn.Module, global_state: Mapping[str, ArrayLike]
+    ) -> nn.Module:
+        """``model``'s copy at ``global_state``, for ``from_update``'s ``start_model``."""
+        return _loaded(model, global_state)
+
     @classmethod
     def from_gradients(
         cls,
@@ -138,12 +145,15 @@ class AttackTarget:
         batch_size: int | None = None,
         labels: ArrayLike | None = None,
         num_classes: int | None = None,
+        start_model: nn.Module | None = None,
     ) -> AttackTarget:
         """Target for a client update: the pseudo-gradient ``(global - client) / lr``.
 
         ``model`` is copied and loaded with ``global_state``, the weights the
         client started from; buffers absent from a state dict keep the
-        model's values. With ``local_steps == 1`` (or unknown) and plain SGD
+        model's values. ``start_model``, when given, is that copy already
+        made (one per round serves every client of the round: attacks never
+        change a target's model). With ``local_steps == 1`` (or unknown) and plain SGD
         the pseudo-gradient is the gradient itself, and the target is treated
         as a gradient at the global weights when ``local_steps == 1``.
         """
@@ -184,14 +194,7 @@ class AttackTarget:
         if problems:
             raise GradientError("model update", problems)
 
-        start = copy.deepcopy(model)
-        own = start.state_dict()
-        loadable = {
-            k: _as_tensor(v).to(own[k].dtype)
-            for k, v in global_state.items()
-            if k in own and tuple(own[k].shape) == tuple(np.shape(v))
-        }
-        start.load_state_dict(loadable, strict=False)
+        start = start_model if start_model is not None else _loaded(model, global_state)
         return cls(
             model=start,
             gradients=pseudo,
@@ -205,6 +208,19 @@ class AttackTarget:
             source="gradient" if local_steps == 1 else "update",
             rounding=rounding,
         )
+
+
+def _loaded(model: nn.Module, state: Mapping[str, ArrayLike]) -> nn.Module:
+    """A copy of ``model`` with the entries of ``state`` that fit it loaded."""
+    start = copy.deepcopy(model)
+    own = start.state_dict()
+    loadable = {
+        k: _as_tensor(v).to(own[k].dtype)
+        for k, v in state.items()
+        if k in own and tuple(own[k].shape) == tuple(np.shape(v))
+    }
+    start.load_state_dict(loadable, strict=False)
+    return start
 
 
 def _check_gradients(
