@@ -104,7 +104,7 @@ class AttackTarget:
     def start_model(
         model: nn.Module, global_state: Mapping[str, ArrayLike]
     ) -> nn.Module:
-        """``model``'s copy at ``global_state``, for ``from_update``'s ``start_model``."""
+        """A copy of ``model`` at ``global_state``, for ``from_update``."""
         return _loaded(model, global_state)
 
     @classmethod
