@@ -268,7 +268,18 @@ def main() -> None:
         "--full", action="store_true", help="the issue's 20+ inputs per case"
     )
     parser.add_argument("--limit", type=float, default=None, help="seconds per run")
+    parser.add_argument(
+        "--case",
+        default=None,
+        help="one case only, as MODALITY,MODEL,BATCH,COUNT (no ablation)",
+    )
     args = parser.parse_args()
+    if args.case:
+        kind, model, batch, count = args.case.split(",")
+        limit = args.limit or 60.0
+        print(f"limit {limit:.0f} s per run, one BLAS thread, float64 gradients\n")
+        case_table([(kind, model, int(batch), int(count))], limit)
+        return
     limit = args.limit or (60.0 if args.full else 15.0)
     if args.full:
         cases = [
