@@ -20,6 +20,8 @@ at a time, what makes DLG slow and unreliable:
 * priors: total variation for images, a second-difference smoothness prior
   for 1-D signals, the box of the input range; the prior is dropped for a
   final polish so it does not bias a converged answer;
+* on ReLU models, a continuation in which the ReLUs' derivative is a
+  shrinking continuous ramp, so the line search sees a continuous distance;
 * restarts from several initialisations, keeping the trial whose gradient
   matches best (ground truth is never used), and a NaN/Inf or exploding
   objective restarts the trial rather than ending the attack.
@@ -86,7 +88,9 @@ class PriorGuidedReconstruction(Attack):
         Initialisation of each trial, in order: ``"analytic"``, ``"mean"``
         (needs ``reference``), ``"uniform"`` or ``"normal"``. ``None``:
         analytic, then the reference mean when given, then uniform noise,
-        ``restarts`` trials in all.
+        ``restarts`` trials in all; ``"analytic"`` leads only where the FC
+        attack recovered inputs (the feature-inversion start measured
+        slower than uniform noise with the TV prior).
     restarts:
         Number of trials when ``inits`` is ``None``.
     reference:
@@ -96,9 +100,13 @@ class PriorGuidedReconstruction(Attack):
         Weight of the total-variation prior (images) relative to the
         current gradient distance: the prior's weight is rescaled to
         ``tv_weight * distance`` after every step, so it shapes the answer
-        at every scale without dominating it.
+        at every scale. It is annealed (divided by 10, then 100, each phase
+        at most ``3 * patience`` iterations) before a polish without it.
+        The default 3 was tuned on 32x32 photos (bench/iterative.py); the
+        seed paper's 1e-4 is too weak to matter under this scaling.
     smooth_weight:
-        Weight of the second-difference prior (1-D signals ``(C, L)``).
+        Weight of the second-difference prior (1-D signals ``(C, L)``),
+        relative and annealed like ``tv_weight``.
     box:
         Keep inputs inside ``AttackTarget.input_range``: a quadratic
         penalty outside it while optimising (clamping each step was
@@ -122,6 +130,12 @@ class PriorGuidedReconstruction(Attack):
         ``"float64"``: match in double precision whatever the client's
         dtype (needed on models with PyTorch's default initialisation, see
         Notes); ``"gradient"``: in the observed gradient's dtype.
+    relu_smoothing:
+        Widths, as fractions of the RMS of each ReLU's input, of the
+        derivative ramp used in the first phases of every trial (see
+        :class:`fl_audit.attacks._matching.SoftenedReLU` and Notes); only
+        models with ``nn.ReLU`` modules. ``()`` matches with the exact ReLU
+        throughout.
     seed:
         Seed of the random initialisations.
     progress:
@@ -141,6 +155,15 @@ class PriorGuidedReconstruction(Attack):
     before those directions are resolved. Matching in float64 and a prior
     that keeps its weight relative to the current distance fix it; it is
     slower to converge than on DLG's large-weight initialisation.
+
+    A ReLU's weight gradients contain its activation mask, so the
+    gradient distance jumps whenever a unit flips: L-BFGS's line search
+    fails on it and matching stalls (12-16 dB on 32x32 photos). Each
+    trial therefore starts with the ReLU modules' derivative replaced by
+    a continuous ramp of width ``relu_smoothing[i]`` times the RMS of the
+    unit's input (the forward value stays exact), shrinking the width
+    phase by phase, and finishes with the exact model. ReLUs called as
+    functions (``torch.relu`` in ``forward``) are not replaced.
 
     Priors and the box need ``AttackTarget.input_range``; without it the
     box is off and uniform initialisations draw from [0, 1] (noted in the
