@@ -201,6 +201,7 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
         ({"optimizer": "sgd"}, "optimizer"),
         ({"tv_weight": -1.0}, "tv_weight"),
         ({"labels": "guess"}, "labels"),
+        ({"relu_smoothing": (0.1, -1.0)}, "relu_smoothing"),
     ],
 )
 def test_bad_options_are_refused(options: dict, fragment: str) -> None:

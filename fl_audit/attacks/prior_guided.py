@@ -248,6 +248,15 @@ class PriorGuidedReconstruction(Attack):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")
         if not isinstance(patience, int) or patience < 1:
             problems.append(f"patience must be an int >= 1, got {patience!r}")
+        if isinstance(relu_smoothing, str) or not all(
+            isinstance(f, int | float) and math.isfinite(f) and f > 0
+            for f in relu_smoothing
+        ):
+            problems.append(
+                "relu_smoothing must be a sequence of positive numbers such as "
+                f"(0.3, 0.1, 0.03), or () to match the exact ReLU; got "
+                f"{relu_smoothing!r}"
+            )
         if problems:
             raise InvalidInputError("PriorGuidedReconstruction options", problems)
 
