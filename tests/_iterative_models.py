@@ -39,3 +39,20 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return dict(zip(names, grads, strict=True))
+
+
+class SmallReLUCNN(nn.Module):
+    """A small ReLU CNN as users train them (PyTorch's default init)."""
+
+    def __init__(self, channels: int, side: int, classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(8 * ((side + 1) // 2) ** 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))

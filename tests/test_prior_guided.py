@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
+from _iterative_models import SmallReLUCNN, SmallSigmoidCNN, dlg_init, gradients
 from torch import nn
 
 from fl_audit.attacks import (
@@ -15,6 +15,7 @@ from fl_audit.attacks import (
     create_attack,
     get_attack,
 )
+from fl_audit.attacks._matching import MatchingProblem, SoftenedReLU
 from fl_audit.data import Samples, load_samples
 from fl_audit.errors import InvalidInputError
 from fl_audit.metrics import match_inputs
@@ -200,6 +201,7 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
         ({"optimizer": "sgd"}, "optimizer"),
         ({"tv_weight": -1.0}, "tv_weight"),
         ({"labels": "guess"}, "labels"),
+        ({"relu_smoothing": (0.1, -1.0)}, "relu_smoothing"),
     ],
 )
 def test_bad_options_are_refused(options: dict, fragment: str) -> None:
@@ -214,3 +216,62 @@ def test_reference_of_the_wrong_shape_is_refused(digits: Samples) -> None:
     )
     with pytest.raises(InvalidInputError, match="input shape"):
         attack.run(target)
+
+
+def test_softened_relu_keeps_the_value_and_ramps_the_derivative() -> None:
+    # Arrange
+    z = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).requires_grad_(True)
+    act = SoftenedReLU()
+    act.width = 1.0
+    # Act
+    out = act(z)
+    (slope,) = torch.autograd.grad(out.sum(), z)
+    # Assert: exact ReLU values, derivative 0 / linear ramp / 1
+    assert torch.equal(out.detach(), torch.relu(z.detach()))
+    expected = (z.detach() + 0.5).clamp(0.0, 1.0)
+    assert torch.allclose(slope, expected)
+
+
+def test_matching_problem_swaps_relus_without_changing_the_gradient() -> None:
+    # Arrange
+    fashion = load_samples("fashion_mnist", 2, size=16, seed=0)
+    x, y = fashion.inputs[:1].double(), fashion.labels[:1] % 10
+    torch.manual_seed(0)
+    model = SmallReLUCNN(1, 16).double()
+    observed = gradients(model, x, y)
+    target = AttackTarget.from_gradients(model, observed, fashion.input_shape)
+    # Act
+    problem = MatchingProblem(target, torch.float64)
+    grads = problem.gradient(x, y, create_graph=False)
+    # Assert: both ReLUs swapped, the exact gradient is reproduced
+    assert len(problem.relus) == 2
+    assert problem.residual(x, y) < 1e-12
+    pairs = zip(grads, problem.names, strict=True)
+    assert all(torch.allclose(g, observed[n]) for g, n in pairs)
+
+
+def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
+    # Arrange: a real 16x16 Fashion-MNIST image, ReLU CNN, PyTorch's init
+    fashion = load_samples("fashion_mnist", 2, size=16, seed=0)
+    x, y = fashion.inputs[:1], fashion.labels[:1] % 10
+    torch.manual_seed(0)
+    model = SmallReLUCNN(1, 16)
+    target = AttackTarget.from_gradients(
+        model, gradients(model, x, y), fashion.input_shape, input_range=(0.0, 1.0)
+    )
+
+    def attack(smoothing: tuple[float, ...]) -> float:
+        result = PriorGuidedReconstruction(
+            time_budget_s=120,
+            max_iterations=400,
+            inits=["uniform"],
+            relu_smoothing=smoothing,
+            progress=False,
+        ).run(target)
+        return match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr
+
+    # Act
+    smoothed, plain = attack((0.3, 0.1, 0.03)), attack(())
+    # Assert: the ramp continuation reaches 30 dB where the exact ReLU stalls
+    assert smoothed >= 30.0
+    assert plain < 30.0

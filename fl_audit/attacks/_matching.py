@@ -67,6 +67,32 @@ class Budget:
         return self.iterations is not None and self.used_iterations >= self.iterations
 
 
+class SoftenedReLU(nn.Module):
+    """ReLU whose derivative is a continuous ramp while ``width`` is set.
+
+    The value is always the exact ``relu(z)``, so the features (and the
+    gradient of every layer above the last ReLU) are exact. With
+    ``width = w`` the derivative, which backpropagation multiplies into the
+    weight gradients below, rises linearly from 0 at ``-w/2`` to 1 at
+    ``w/2`` instead of jumping at 0: the derivative of a C1 ramp. A ReLU's
+    weight gradients hold its activation mask, which jumps when a unit
+    flips; the ramp makes the gradient distance continuous in the input,
+    so a line search can work. Only units with ``|z| < w/2`` see a wrong
+    mask, and the attack shrinks ``w`` to zero.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width: float | None = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.width is None:
+            return torch.relu(z)
+        h = 0.5 * self.width
+        ramp = (z.clamp(-h, h) + h) ** 2 / (2 * self.width) + (z - h).clamp(min=0)
+        return torch.relu(z).detach() + ramp - ramp.detach()
+
+
 class MatchingProblem:
     """The model, its parameters and the observed gradient, ready to match.
 
@@ -102,6 +128,46 @@ class MatchingProblem:
             )
         self.input_shape = target.input_shape
         self.num_classes = self._num_classes(target)
+        self.relus = self._swap_relus()
+
+    def _swap_relus(self) -> list[SoftenedReLU]:
+        """Replace every ``nn.ReLU`` module by an (exact) :class:`SoftenedReLU`."""
+        swapped: list[SoftenedReLU] = []
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.ReLU:
+                    soft = SoftenedReLU()
+                    setattr(parent, name, soft)
+                    swapped.append(soft)
+        return swapped
+
+    def soften(self, fraction: float | None, x: torch.Tensor) -> None:
+        """Set each ReLU's ramp to ``fraction`` times the RMS of its input at ``x``.
+
+        ``None`` restores the exact ReLU.
+        """
+        if fraction is None:
+            for r in self.relus:
+                r.width = None
+            return
+        seen: dict[int, float] = {}
+
+        def grab(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            z = inputs[0].detach()
+            seen[id(mod)] = float(torch.sqrt((z * z).mean()))
+
+        hooks = [r.register_forward_pre_hook(grab) for r in self.relus]
+        try:
+            for r in self.relus:
+                r.width = None
+            with torch.no_grad():
+                self.model(x.detach())
+        finally:
+            for h in hooks:
+                h.remove()
+        for r in self.relus:
+            rms = seen.get(id(r), 0.0)
+            r.width = fraction * rms if rms > 0 else None
 
     def _num_classes(self, target: AttackTarget) -> int:
         with torch.no_grad():
