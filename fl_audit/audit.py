@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ from fl_audit.runtime import (
 
 __all__ = [
     "Auditor",
+    "ClientJob",
     "ClientUpdate",
     "GroundTruth",
     "LazyArrays",
@@ -311,6 +313,58 @@ def _consistency(meta: ClientMetadata, outcomes: Sequence[AttackOutcome]) -> lis
     ]
 
 
+@dataclass
+class _WorkerSpec:
+    """What a worker process needs to audit clients as the server would."""
+
+    token: str
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    config: AuditConfig
+    attacks: list[Attack]
+    privacy: PrivacySettings | None
+    offset: int
+    strategy_name: str
+
+
+_WORKER_AUDITORS: dict[str, Auditor] = {}
+
+
+@dataclass
+class ClientJob:
+    """One client's whole audit, run in a worker (process and Ray backends)."""
+
+    spec: _WorkerSpec
+    server_round: int
+    global_state: Mapping[str, np.ndarray]
+    update: ClientUpdate
+    train_config: dict[str, Any]
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    label: str = ""
+    threads: int | None = 1
+
+    def execute(self) -> ClientAudit:
+        auditor = _WORKER_AUDITORS.get(self.spec.token)
+        if auditor is None:
+            _WORKER_AUDITORS.clear()  # one audited run per worker at a time
+            spec = self.spec
+            auditor = Auditor(
+                spec.model,
+                spec.input_shape,
+                spec.config,
+                attacks=spec.attacks,
+                strategy_name=spec.strategy_name,
+                _worker_of=spec,
+            )
+            auditor.privacy = spec.privacy
+            _WORKER_AUDITORS[spec.token] = auditor
+        (audit,) = auditor._audit_clients(
+            self.server_round, self.global_state, [self.update], self.train_config, None
+        )
+        return audit
+
+
 class Auditor:
     """Audits client updates against one model architecture.
 
@@ -344,11 +398,14 @@ class Auditor:
         *,
         attacks: Sequence[Attack] | None = None,
         strategy_name: str = "",
+        _worker_of: _WorkerSpec | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 "Auditor", [f"model must be a torch.nn.Module, got {type(model)}"]
             )
+        self._spec: _WorkerSpec | None = None
+        self._spec_of = _worker_of
         self.model = model
         self.input_shape = check_input_shape(input_shape)
         self.config = config
@@ -362,13 +419,14 @@ class Auditor:
             ray_address=config.ray_address,
             ray_num_cpus=config.ray_num_cpus,
         )
-        self.writer.write_policy(self.policy.model_dump_json(indent=2))
+        if _worker_of is None:  # a worker's auditor leaves the folder to the server's
+            self.writer.write_policy(self.policy.model_dump_json(indent=2))
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
         self.privacy: PrivacySettings | None = config.privacy
         # The global model of the round being audited, shared by its clients.
         self._start: tuple[Mapping[str, np.ndarray], nn.Module] | None = None
-        self._offset = self.writer.offset
-        if self._offset:
+        self._offset = self.writer.offset if _worker_of is None else _worker_of.offset
+        if self._offset and _worker_of is None:
             logger.info(
                 "fl-audit: %s already holds %d round(s); this run continues after them",
                 config.output_dir,
@@ -442,15 +500,20 @@ class Auditor:
 
         clients: list[ClientAudit] = []
         step = max(1, getattr(self.runner, "workers", 1))
-        with limited_threads(self.config.attack_threads):
-            for first in range(0, len(audited), step):
-                clients += self._audit_clients(
-                    server_round,
-                    global_state,
-                    audited[first : first + step],
-                    train_config,
-                    deadline,
-                )
+        if self.runner.name in ("process", "ray"):
+            clients = self._audit_in_workers(
+                server_round, global_state, audited, train_config, deadline
+            )
+        else:
+            with limited_threads(self.config.attack_threads):
+                for first in range(0, len(audited), step):
+                    clients += self._audit_clients(
+                        server_round,
+                        global_state,
+                        audited[first : first + step],
+                        train_config,
+                        deadline,
+                    )
         index = self._offset + server_round
         if self._offset:
             notes = [
@@ -496,6 +559,74 @@ class Auditor:
         )
         return judged
 
+    def _audit_in_workers(
+        self,
+        server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        audited: Sequence[ClientUpdate],
+        train_config: Mapping[str, Any],
+        deadline: float | None,
+    ) -> list[ClientAudit]:
+        """Each client's whole audit as one job in the runner's workers.
+
+        The server's process only sends the update (still undecoded) and
+        receives the client's report entry: decoding, bounds, attacks,
+        scores and files all happen in the worker, off the training thread.
+        """
+        if self._spec is None:
+            self._spec = _WorkerSpec(
+                token=uuid.uuid4().hex,
+                model=self.model,
+                input_shape=self.input_shape,
+                config=self.config.model_copy(
+                    update={"backend": "inline", "background": False}
+                ),
+                attacks=self.attacks,
+                privacy=self.privacy,
+                offset=self._offset,
+                strategy_name=self.strategy_name,
+            )
+        caps = [self._timeout(a) for a in self.attacks]
+        cap = sum(c for c in caps if c is not None) if None not in caps else None
+        jobs = [
+            ClientJob(
+                self._spec,
+                server_round,
+                global_state,
+                update,
+                dict(train_config),
+                cap,
+                self.config.attack_memory_mb,
+                update.client,
+                self.config.attack_threads,
+            )
+            for update in audited
+        ]
+        clients = []
+        for update, done in zip(audited, self.runner.run(jobs, deadline), strict=True):
+            audit = done.result
+            if not isinstance(audit, ClientAudit):
+                reason = done.error or "the worker returned no report"
+                audit = self._client(
+                    update,
+                    None,
+                    [
+                        AttackOutcome(
+                            attack=a.name,
+                            options=_options(a, self.config),
+                            status="failed",
+                            reason=f"the client's audit did not finish: {reason}",
+                        )
+                        for a in self.attacks
+                    ],
+                    list(update.notes),
+                    False,
+                    done.elapsed_s,
+                )
+            _log_client(server_round, audit)
+            clients.append(audit)
+        return clients
+
     # -------------------------------------------------------------- a client
 
     def audit_client(
@@ -535,12 +666,15 @@ class Auditor:
                         row.append(decided)
                         continue
                     row.append(len(jobs))
+                    # In a worker the worker itself is the isolation: it
+                    # is killed past the client's cap, attacks run inside.
+                    capped = self._spec_of is None
                     jobs.append(
                         AttackJob(
                             attack,
                             prep.target,
-                            self._timeout(attack),
-                            self.config.attack_memory_mb,
+                            self._timeout(attack) if capped else None,
+                            self.config.attack_memory_mb if capped else None,
                             f"{prep.update.client}/{attack.name}",
                             self.config.attack_threads,
                         )

@@ -1,6 +1,8 @@
 """Where and how attacks run: inline, in isolated processes, or on Ray.
 
-An attack on one client's update is an :class:`AttackJob`. A
+An attack on one client's update is an :class:`AttackJob` (with the process
+and Ray backends the audit sends a whole client's audit as one job instead,
+:class:`fl_audit.audit.ClientJob`). A
 :class:`JobRunner` runs a round's jobs and returns one :class:`JobOutcome`
 per job, in order; nothing it runs can raise into the audit:
 
@@ -38,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
@@ -50,6 +52,7 @@ __all__ = [
     "JobOutcome",
     "JobRunner",
     "IsolatedWorker",
+    "Job",
     "ProcessRunner",
     "RayRunner",
     "make_runner",
@@ -59,6 +62,18 @@ __all__ = [
 ]
 
 _CHILD_NICENESS = 10
+
+
+class Job(Protocol):
+    """Work a runner can run: one attack, or a whole client's audit."""
+
+    timeout_s: float | None
+    memory_mb: int | None
+    label: str
+    threads: int | None
+
+    def execute(self) -> Any:
+        """Do the work here, in whatever process the runner chose."""
 
 
 @dataclass
@@ -72,12 +87,15 @@ class AttackJob:
     label: str = ""
     threads: int | None = 1
 
+    def execute(self) -> AttackResult:
+        return self.attack.run(self.target)
+
 
 @dataclass
 class JobOutcome:
     """What became of a job: a result, or the reason there is none."""
 
-    result: AttackResult | None
+    result: Any
     error: str | None
     elapsed_s: float
     status: str = "completed"  # completed | failed | timeout | skipped
@@ -112,12 +130,12 @@ def limited_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_in_process(job: AttackJob) -> JobOutcome:
-    """Run the attack here; exceptions become outcomes. Caps are not enforced."""
+def run_in_process(job: Job) -> JobOutcome:
+    """Run the job here; exceptions become outcomes. Caps are not enforced."""
     start = time.perf_counter()
     try:
         with limited_threads(job.threads):
-            result = job.attack.run(job.target)
+            result = job.execute()
     except MemoryError:
         return JobOutcome.failed("ran out of memory (MemoryError)", _since(start))
     except Exception as exc:
@@ -126,7 +144,7 @@ def run_in_process(job: AttackJob) -> JobOutcome:
     if job.timeout_s is not None and elapsed > job.timeout_s:
         logger.warning(
             "fl-audit: %s took %.1f s, past its %.1f s cap (inline, not interrupted)",
-            job.label or job.attack.name,
+            job.label,
             elapsed,
             job.timeout_s,
         )
@@ -203,7 +221,7 @@ class IsolatedWorker:
         self._proc: Any = None
         self._conn: Connection | None = None
 
-    def run(self, job: AttackJob) -> JobOutcome:
+    def run(self, job: Job) -> JobOutcome:
         start = time.perf_counter()
         try:
             payload = pickle.dumps(job)
@@ -276,7 +294,7 @@ class IsolatedWorker:
         self._proc = self._conn = None
 
 
-def run_isolated(job: AttackJob) -> JobOutcome:
+def run_isolated(job: Job) -> JobOutcome:
     """Run one job in a child process of its own, killed past its time cap."""
     worker = IsolatedWorker(job.memory_mb)
     try:
@@ -296,7 +314,7 @@ class JobRunner(ABC):
 
     @abstractmethod
     def run(
-        self, jobs: Sequence[AttackJob], deadline: float | None = None
+        self, jobs: Sequence[Job], deadline: float | None = None
     ) -> list[JobOutcome]:
         """Run ``jobs``; those not started by ``deadline`` are skipped.
 
@@ -315,13 +333,13 @@ def _skipped(deadline_note: str = "") -> JobOutcome:
     )
 
 
-def _cap(job: AttackJob, deadline: float | None) -> AttackJob:
+def _cap(job: Job, deadline: float | None) -> Job:
     """The job with its time cap cut to what is left of the round's budget."""
     if deadline is None:
         return job
     left = max(0.0, deadline - time.perf_counter())
     cap = left if job.timeout_s is None else min(job.timeout_s, left)
-    return replace(job, timeout_s=cap)
+    return replace(job, timeout_s=cap)  # type: ignore[type-var]
 
 
 class InlineRunner(JobRunner):
@@ -334,7 +352,7 @@ class InlineRunner(JobRunner):
         self._worker = IsolatedWorker()
 
     def run(
-        self, jobs: Sequence[AttackJob], deadline: float | None = None
+        self, jobs: Sequence[Job], deadline: float | None = None
     ) -> list[JobOutcome]:
         outcomes = []
         for job in jobs:
@@ -365,9 +383,9 @@ class ProcessRunner(JobRunner):
             self._idle.put(IsolatedWorker())
 
     def run(
-        self, jobs: Sequence[AttackJob], deadline: float | None = None
+        self, jobs: Sequence[Job], deadline: float | None = None
     ) -> list[JobOutcome]:
-        def one(job: AttackJob) -> JobOutcome:
+        def one(job: Job) -> JobOutcome:
             if deadline is not None and time.perf_counter() >= deadline:
                 return _skipped()
             worker = self._idle.get()
@@ -384,7 +402,7 @@ class ProcessRunner(JobRunner):
             self._idle.get().close()
 
 
-def _ray_task(job: AttackJob) -> JobOutcome:
+def _ray_task(job: Job) -> JobOutcome:
     if job.memory_mb is not None:
         import resource
 
@@ -417,7 +435,7 @@ class RayRunner(JobRunner):
         self.workers = max(1, int(workers))
 
     def run(
-        self, jobs: Sequence[AttackJob], deadline: float | None = None
+        self, jobs: Sequence[Job], deadline: float | None = None
     ) -> list[JobOutcome]:
         ray = self._ray
         outcomes: list[JobOutcome | None] = [None] * len(jobs)

@@ -182,3 +182,58 @@ def test_a_worker_is_reused_until_a_job_kills_it():
         assert worker.pid != first  # the hung process was replaced
     finally:
         worker.close()
+
+
+def test_process_backend_audits_whole_clients_in_workers(tmp_path):
+    # Arrange: ground truth scored and files written by the workers; one
+    # client's attack hangs past its cap
+    samples = load_samples("digits", 2, seed=2)
+    model = mlp(64, 16, 10)
+    cfg = AuditConfig(
+        output_dir=tmp_path,
+        backend="process",
+        workers=2,
+        background=False,
+        allow_ground_truth=True,
+        attack_timeout_s=20.0,
+    )
+    audit = AuditStrategy(QuietFedAvg(), model=model, input_shape=(1, 8, 8), config=cfg)
+    audit.configure_train(
+        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+    )
+    x, y = samples.inputs, samples.labels
+    replies = [
+        train_reply(
+            i + 1,
+            sgd_step(model, x[i : i + 1], y[i : i + 1], 0.1),
+            1,
+            meta={"partition-id": i, "batch-size": 1, "local-steps": 1},
+            truth={"inputs": x[i : i + 1].numpy(), "labels": y[i : i + 1].numpy()},
+        )
+        for i in range(2)
+    ]
+
+    # Act
+    audit.aggregate_train(1, replies)
+
+    # Assert
+    for client in audit.reports[1].clients:
+        (fc,) = client.attacks
+        assert fc.certified == 1 and fc.ground_truth.min_certified_psnr >= 60.0
+        assert (tmp_path / fc.reconstruction_file).exists()
+        assert (tmp_path / client.ground_truth_file).exists()
+
+    # ... and a client whose audit hangs is reported, the round goes on
+    hang = AuditStrategy(
+        QuietFedAvg(),
+        model=model,
+        input_shape=(1, 8, 8),
+        attacks=[Sleepy(60.0)],
+        config=cfg.model_copy(
+            update={"output_dir": tmp_path / "hang", "attack_timeout_s": 1.0}
+        ),
+    )
+    hang.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
+    hang.aggregate_train(1, replies)
+    (failed, _) = (c.attacks[0] for c in hang.reports[1].clients)
+    assert failed.status == "failed" and "stopped after 1 s" in failed.reason
