@@ -204,7 +204,9 @@ class AuditConfig(BaseModel):
         unfinished rounds when the strategy's ``start`` returns.
     attack_timeout_s:
         Cap on one attack's seconds (per attack: ``attacks[i].timeout_s``).
-        A capped attack runs in a child process, killed at the cap.
+        Inline, a capped attack runs in a child process, killed at the cap;
+        on the process and Ray backends a client's whole audit is one job,
+        capped at the sum of its attacks' caps.
     attack_memory_mb:
         Cap on one attack's address space (``RLIMIT_AS``) in MiB; it
         includes the 1-2 GiB torch maps at start, so set it well above.
