@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -327,16 +328,23 @@ class _WorkerSpec:
     strategy_name: str
 
 
-_WORKER_AUDITORS: dict[str, Auditor] = {}
+_WORKER_CACHE: dict[str, tuple[Auditor, Mapping[str, np.ndarray]]] = {}
+"""In a worker: the auditor and global arrays of the round being audited."""
 
 
 @dataclass
 class ClientJob:
-    """One client's whole audit, run in a worker (process and Ray backends)."""
+    """One client's whole audit, run in a worker (process and Ray backends).
 
-    spec: _WorkerSpec
+    ``shared`` is the pickle of the auditor's spec and the round's global
+    arrays, made once per round: every job of the round carries the same
+    bytes (a copy, not a fresh pickle of the model), and a worker unpickles
+    them once.
+    """
+
+    shared_key: str
+    shared: bytes
     server_round: int
-    global_state: Mapping[str, np.ndarray]
     update: ClientUpdate
     train_config: dict[str, Any]
     timeout_s: float | None = None
@@ -345,10 +353,10 @@ class ClientJob:
     threads: int | None = 1
 
     def execute(self) -> ClientAudit:
-        auditor = _WORKER_AUDITORS.get(self.spec.token)
-        if auditor is None:
-            _WORKER_AUDITORS.clear()  # one audited run per worker at a time
-            spec = self.spec
+        cached = _WORKER_CACHE.get(self.shared_key)
+        if cached is None:
+            spec, global_state = pickle.loads(self.shared)
+            _WORKER_CACHE.clear()  # one round per worker at a time
             auditor = Auditor(
                 spec.model,
                 spec.input_shape,
@@ -358,9 +366,10 @@ class ClientJob:
                 _worker_of=spec,
             )
             auditor.privacy = spec.privacy
-            _WORKER_AUDITORS[spec.token] = auditor
+            cached = _WORKER_CACHE[self.shared_key] = (auditor, global_state)
+        auditor, global_state = cached
         (audit,) = auditor._audit_clients(
-            self.server_round, self.global_state, [self.update], self.train_config, None
+            self.server_round, global_state, [self.update], self.train_config, None
         )
         return audit
 
@@ -588,11 +597,13 @@ class Auditor:
             )
         caps = [self._timeout(a) for a in self.attacks]
         cap = sum(c for c in caps if c is not None) if None not in caps else None
+        shared = pickle.dumps((self._spec, dict(global_state)))
+        key = f"{self._spec.token}:{server_round}"
         jobs = [
             ClientJob(
-                self._spec,
+                key,
+                shared,
                 server_round,
-                global_state,
                 update,
                 dict(train_config),
                 cap,
