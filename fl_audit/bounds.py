@@ -646,23 +646,28 @@ def _conv_exact_rank(
 ) -> Verdict:
     formula = "rank(A) = C*d^2, A: (h*d'^2) x (C*d^2) the layer's linear map"
     quantities = {**base, "equations": m, "unknowns": n}
-    if min(m, n) > limit or m * n > _MAX_OPERATOR_ENTRIES:
-        note = (
-            f"declined: the operator is {m} x {n}; the exact rank is computed "
-            f"up to min(m, n) = {limit} (exact_rank_limit) and "
-            f"{_MAX_OPERATOR_ENTRIES} entries. The counts are necessary "
-            "conditions only"
-        )
+
+    def verdict(rank: int | None, outcome: str, note: str) -> Verdict:
         return Verdict(
             name="conv_exact_rank",
             source="exact rank",
             formula=formula,
             quantities=quantities,
             required=n,
-            actual=None,
-            holds=None,
-            outcome="not evaluated",
+            actual=rank,
+            holds=None if rank is None else rank == n,
+            outcome=outcome,
             note=note,
+        )
+
+    if min(m, n) > limit or m * n > _MAX_OPERATOR_ENTRIES:
+        return verdict(
+            None,
+            "not evaluated",
+            f"declined: the operator is {m} x {n}; the exact rank is computed "
+            f"up to min(m, n) = {limit} (exact_rank_limit) and "
+            f"{_MAX_OPERATOR_ENTRIES} entries. The counts are necessary "
+            "conditions only",
         )
     try:
         rank = _operator_rank(module, in_shape, m, n)
@@ -670,33 +675,17 @@ def _conv_exact_rank(
         logger.warning(
             "bounds: exact rank of %s failed: %s", type(module).__name__, exc
         )
-        return Verdict(
-            name="conv_exact_rank",
-            source="exact rank",
-            formula=formula,
-            quantities=quantities,
-            required=n,
-            actual=None,
-            holds=None,
-            outcome="not evaluated",
-            note=f"failed: {type(exc).__name__}: {exc}",
-        )
-    holds = rank == n
-    return Verdict(
-        name="conv_exact_rank",
-        source="exact rank",
-        formula=formula,
-        quantities=quantities,
-        required=n,
-        actual=rank,
-        holds=holds,
-        outcome=(
-            "the layer output determines the input exactly"
-            if holds
-            else f"the layer output determines a {rank}-dimensional projection "
-            f"of the {n}-dimensional input"
-        ),
-        note=f"numerical rank: singular values above {RANK_RTOL:g} * sigma_max",
+        return verdict(None, "not evaluated", f"failed: {type(exc).__name__}: {exc}")
+    outcome = (
+        "the layer output determines the input exactly"
+        if rank == n
+        else f"the layer output determines a {rank}-dimensional projection "
+        f"of the {n}-dimensional input"
+    )
+    return verdict(
+        rank,
+        outcome,
+        f"numerical rank: singular values above {RANK_RTOL:g} * sigma_max",
     )
 
 

@@ -478,7 +478,8 @@ def _add_tagged_lines(lines: dict[tuple[str, ...], int], data: dict[str, Any]) -
 def _known_keys(loc: tuple[str, ...]) -> list[str]:
     if len(loc) >= 3 and loc[0] == "rules":
         for cls in _RULE_CLASSES:
-            if cls.model_fields["kind"].annotation.__args__[0] == loc[2]:  # type: ignore[union-attr]
+            kind = cls.model_fields["kind"].annotation
+            if kind.__args__[0] == loc[2]:  # type: ignore[union-attr]
                 return list(cls.model_fields)
     return list(Policy.model_fields)
 

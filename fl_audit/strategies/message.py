@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from fl_audit._logging import logger
@@ -160,7 +160,9 @@ class AuditStrategy(Strategy):
             )
         return aggregate
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def start(
+        self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any
+    ) -> Result:
         """Run the rounds (Flower's loop), then wait for audits still running.
 
         With a background audit the wait is bounded by ``final_wait_s``;
