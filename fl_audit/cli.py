@@ -64,10 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.run(args))
-    except CommandError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the cause
-        print(f"fl-audit {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    except InvalidInputError as exc:  # every problem, on one line
+        message = f"{exc.what}: {'; '.join(exc.problems)}"
+    except (CommandError, FLAuditError) as exc:
+        message = str(exc)
+    message = " ".join(message.split())  # one line, whatever the cause
+    print(f"fl-audit {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,18 +146,13 @@ def _add_bounds(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
 
 def _run_bounds(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    try:
-        report = analyze(
-            model,
-            args.input_shape,
-            batch_size=args.batch_size,
-            local_examples=args.local_examples,
-            exact_rank_limit=args.exact_rank_limit,
-        )
-    except InvalidInputError as exc:
-        raise CommandError(f"{exc.what}: {'; '.join(exc.problems)}") from exc
-    except FLAuditError as exc:
-        raise CommandError(str(exc).replace("\n", " ")) from exc
+    report = analyze(
+        model,
+        args.input_shape,
+        batch_size=args.batch_size,
+        local_examples=args.local_examples,
+        exact_rank_limit=args.exact_rank_limit,
+    )
     print(report.to_json() if args.json else format_report(report))
     return EXIT_OK
 
@@ -246,16 +244,11 @@ def _run_replay(args: argparse.Namespace) -> int:
     from fl_audit.config import AuditConfig
     from fl_audit.replay import replay
 
-    try:
-        config = AuditConfig.from_yaml(args.config) if args.config else AuditConfig()
-        if args.output is not None:
-            config = config.model_copy(update={"output_dir": args.output})
-        model = load_model(args.model)
-        reports = replay(args.capture, model, config, input_shape=args.input_shape)
-    except InvalidInputError as exc:
-        raise CommandError(f"{exc.what}: {'; '.join(exc.problems)}") from exc
-    except FLAuditError as exc:
-        raise CommandError(str(exc).replace("\n", " ")) from exc
+    config = AuditConfig.from_yaml(args.config) if args.config else AuditConfig()
+    if args.output is not None:
+        config = config.model_copy(update={"output_dir": args.output})
+    model = load_model(args.model)
+    reports = replay(args.capture, model, config, input_shape=args.input_shape)
     clients = sum(len(r.clients) for r in reports)
     print(
         f"replayed {len(reports)} round(s), {clients} client update(s); "
@@ -303,11 +296,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
 def _run_report(args: argparse.Namespace) -> int:
     from fl_audit.html_report import load_run, render_html, verdicts_json
 
-    try:
-        run = load_run(args.run_dir, args.policy)
-        path = render_html(run, args.out)
-    except InvalidInputError as exc:
-        raise CommandError(f"{exc.what}: {'; '.join(exc.problems)}") from exc
+    run = load_run(args.run_dir, args.policy)
+    path = render_html(run, args.out)
     if args.json:
         data = verdicts_json(run)
         data["report"] = str(path)

@@ -22,7 +22,6 @@ files read back with that field ``None``.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -531,5 +530,4 @@ def dumps_scalar_config(config: dict[str, Any]) -> dict[str, Any]:
             isinstance(v, bool | int | float | str) for v in value
         ):
             kept[str(key)] = list(value)
-    json.dumps(kept)
     return kept
