@@ -24,6 +24,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import logging  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -89,13 +90,23 @@ def client_round(model, x, y, ctx, batch, steps, lr):
 
 
 def measure(
-    backend: str, clients: int, rounds: int, batch: int, steps: int, workers: int = 2
+    backend: str,
+    clients: int,
+    rounds: int,
+    batch: int,
+    steps: int,
+    workers: int = 2,
+    repeats: int = 1,
 ) -> dict[str, float]:
     """Mean round time (training + aggregate_train) without and with the audit.
 
-    The two runs are separate, each after one warm-up round, so a background
-    audit that slows the next round's training shows in its figures. The
-    audit's work left when the last round ends is drained and timed apart.
+    Each repeat runs ``rounds`` plain rounds, then ``rounds`` audited ones
+    (each block after one warm-up round, so a background audit that slows
+    the next round's training shows in its figures), then drains the audit's
+    remaining work, timed apart. The ratio is the median over repeats of the
+    audited over the plain block, so a change in the machine's load during
+    the run moves both sides of one repeat alike; the last repeat is
+    followed by one more plain block, averaged into its plain time.
     """
     data = load_samples("fashion_mnist", max(2000, 16 * clients), seed=0)
     shares = partition(data.labels, clients, alpha=0.5, min_size=batch * steps, seed=0)
@@ -111,11 +122,14 @@ def measure(
     audited = AuditStrategy(
         QuietFedAvg(), model=start, input_shape=(1, 28, 28), config=cfg
     )
+    next_round = [1]
 
     def run(strategy, audit: bool) -> float:
         model = copy.deepcopy(start)
         elapsed = 0.0
         for r in range(0, rounds + 1):  # round 0 warms up
+            server_round = next_round[0]
+            next_round[0] += 1
             t0 = time.perf_counter()
             replies = [
                 client_round(
@@ -131,7 +145,7 @@ def measure(
             ]
             if audit:
                 strategy.configure_train(
-                    r + 1,
+                    server_round,
                     arrays_of(model.state_dict()),
                     ConfigRecord({"lr": 0.05}),
                     None,
@@ -139,17 +153,24 @@ def measure(
             else:
                 for m in replies:  # what clients without the mod would send
                     m.content.pop("fl-audit.meta", None)
-            arrays, _ = strategy.aggregate_train(r + 1, replies)
+            arrays, _ = strategy.aggregate_train(server_round, replies)
             model.load_state_dict(arrays.to_torch_state_dict())
             if r:
                 elapsed += time.perf_counter() - t0
         return elapsed / rounds
 
-    plain = run(FedAvg(), audit=False)
-    with_audit = run(audited, audit=True)
-    t0 = time.perf_counter()
-    audited.wait(3600)
-    drain = time.perf_counter() - t0
+    plains, audits, ratios, drain = [], [], [], 0.0
+    for i in range(repeats):
+        plain = run(FedAvg(), audit=False)
+        with_audit = run(audited, audit=True)
+        t0 = time.perf_counter()
+        audited.wait(3600)
+        drain += time.perf_counter() - t0
+        if i == repeats - 1:
+            plain = (plain + run(FedAvg(), audit=False)) / 2
+        plains.append(plain)
+        audits.append(with_audit)
+        ratios.append(with_audit / plain)
     audited.auditor.runner.close()
     certified = sum(
         a.certified
@@ -158,8 +179,10 @@ def measure(
         for a in c.attacks
     )
     return {
-        "plain": plain,
-        "audit": with_audit,
+        "plain": statistics.median(plains),
+        "audit": statistics.median(audits),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
         "drain": drain,
         "certified": certified,
         "audited": sum(len(rep.clients) for rep in audited.reports.values()),
@@ -185,7 +208,7 @@ def main() -> None:
     for batch, steps in ((1, 1), (8, 1), (8, 4)):
         for backend in ("inline", "process"):
             f = measure(backend, args.clients, args.rounds, batch, steps)
-            ratio = f["audit"] / f["plain"]
+            ratio = f["ratio"]
             print(
                 f"| B={batch}, {steps} step(s) | {backend} | {f['plain']:.3f} | "
                 f"{f['audit']:.3f} | {ratio:.2f} | {f['drain']:.1f} | "

@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2, help="audit workers")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="plain/audited block pairs"
+    )
     parser.add_argument("--memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
@@ -144,18 +147,28 @@ def main() -> None:
         "rounds",
         "round s, FedAvg",
         "round s, with audit",
-        "ratio",
+        "ratio: median (each repeat)",
         "drain s",
         "clients audited",
     )
     print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("process", "ray"):
-        f = measure(backend, args.clients, args.rounds, BATCH, STEPS, args.workers)
+        f = measure(
+            backend,
+            args.clients,
+            args.rounds,
+            BATCH,
+            STEPS,
+            args.workers,
+            repeats=args.repeats,
+        )
+        each = ", ".join(f"{r:.2f}" for r in f["ratios"])
         print(
             f"| {backend} | {args.clients} | {args.rounds} | {f['plain']:.2f} | "
-            f"{f['audit']:.2f} | {f['audit'] / f['plain']:.2f} | {f['drain']:.1f} | "
-            f"{f['audited']} |"
+            f"{f['audit']:.2f} | {f['ratio']:.2f} ({each}) | {f['drain']:.1f} | "
+            f"{f['audited']} |",
+            flush=True,
         )
 
     print()

@@ -14,7 +14,8 @@ per job, in order; nothing it runs can raise into the audit:
     Up to ``workers`` jobs at once, in as many long-lived child processes
     (started by a fork server, so the parent's threads are never forked),
     with the same caps; a process that hangs, crashes or exhausts its memory
-    is replaced. Child processes run at a lower CPU priority than training.
+    is replaced. These child processes and Ray tasks run at idle CPU priority
+    (:func:`lower_priority`), so training has the cores first.
 ``RayRunner`` (backend ``"ray"``, extra ``fl-audit[simulation]``)
     Jobs as Ray tasks, on the cluster Flower's simulation already started,
     on one at ``ray_address``, or on a local one. A task past its cap is
@@ -61,7 +62,34 @@ __all__ = [
     "run_isolated",
 ]
 
-_CHILD_NICENESS = 10
+_LOW_NICENESS = 19
+
+
+def lower_priority() -> str:
+    """Let training have the CPU first: run the calling thread at idle priority.
+
+    On Linux ``SCHED_IDLE`` runs the thread only when a core would otherwise
+    idle; elsewhere (or where it is refused) the niceness is raised to 19.
+    Scheduling is per thread on Linux, so only the audit's own thread is
+    affected, not a Ray worker's other threads. Returns the policy applied.
+
+    Notes
+    -----
+    Neither change can be undone without privileges: a process or Ray task
+    worker that ran an audit keeps the low priority for its life.
+    """
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is not None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+            return "idle"
+        except OSError:
+            pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOW_NICENESS)
+        return "nice"
+    except (OSError, AttributeError):
+        return "normal"
 
 
 class Job(Protocol):
@@ -151,15 +179,15 @@ def run_in_process(job: Job) -> JobOutcome:
     return JobOutcome(result, None, elapsed)
 
 
-def _serve(conn: Connection, memory_mb: int | None) -> None:
+def _serve(conn: Connection, memory_mb: int | None, low_priority: bool) -> None:
     """Body of an isolated worker process: run jobs until the pipe closes.
 
     Jobs and outcomes travel as plain pickles: torch's multiprocessing
     reducers would share tensors through file descriptors that vanish with
     the process that made them.
     """
-    with contextlib.suppress(OSError):
-        os.nice(_CHILD_NICENESS)
+    if low_priority:
+        lower_priority()
     import torch
 
     torch.set_num_threads(1)
@@ -216,8 +244,11 @@ class IsolatedWorker:
     job gets a fresh process.
     """
 
-    def __init__(self, memory_mb: int | None = None) -> None:
+    def __init__(
+        self, memory_mb: int | None = None, low_priority: bool = False
+    ) -> None:
         self.memory_mb = memory_mb
+        self.low_priority = low_priority
         self._proc: Any = None
         self._conn: Connection | None = None
 
@@ -265,7 +296,11 @@ class IsolatedWorker:
             self.close()
             ctx = _context()
             parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_serve, args=(child, self.memory_mb), daemon=True)
+            proc = ctx.Process(
+                target=_serve,
+                args=(child, self.memory_mb, self.low_priority),
+                daemon=True,
+            )
             proc.start()
             child.close()
             self._proc, self._conn = proc, parent
@@ -380,7 +415,9 @@ class ProcessRunner(JobRunner):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fl-audit")
         self._idle: queue.SimpleQueue[IsolatedWorker] = queue.SimpleQueue()
         for _ in range(self.workers):
-            self._idle.put(IsolatedWorker())
+            # Background workers yield to training; an inline worker is
+            # waited for, so it keeps the server's priority.
+            self._idle.put(IsolatedWorker(low_priority=True))
 
     def run(
         self, jobs: Sequence[Job], deadline: float | None = None
@@ -403,6 +440,7 @@ class ProcessRunner(JobRunner):
 
 
 def _ray_task(job: Job) -> JobOutcome:
+    lower_priority()
     if job.memory_mb is not None:
         import resource
 

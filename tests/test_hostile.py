@@ -194,9 +194,9 @@ def test_update_with_wrong_shapes_is_reported_and_others_audited(tmp_path):
     state = model.state_dict()
     bad = {k: torch.zeros(3) for k in state}
     good = {k: v + 0.1 for k, v in state.items()}
-    audit._audit(
-        1, [train_reply(1, bad, 1), train_reply(2, good, 1)], [(None, None)] * 2, None
-    )  # the audit alone
+    replies = [train_reply(1, bad, 1), train_reply(2, good, 1)]
+    global_state = {k: v.numpy() for k, v in state.items()}
+    audit._audit(1, global_state, {}, replies, [(None, None)] * 2, None)  # alone
     first, second = audit.reports[1].clients
     assert first.attacks == [] and any("cannot be audited" in n for n in first.notes)
     assert second.attacks[0].status == "completed"

@@ -247,6 +247,19 @@ class AuditSession:
             else CaptureWriter(cfg.capture_dir, input_shape, type(model).__name__)
         )
 
+    def defer(self, server_round: int, work: Callable[[], None]) -> None:
+        """Run a round's audit work now, or queue it on the background thread.
+
+        A wrapper hands over everything after the inner strategy's aggregate
+        (reading the replies, fingerprints, capture, attacks), so that with a
+        background audit ``aggregate_train`` costs the training loop nothing
+        per client. ``work`` must not read state that the next round changes.
+        """
+        if self._background is None:
+            work()
+        else:
+            self._background.submit(server_round, work)
+
     def submit(
         self,
         server_round: int,
@@ -257,7 +270,7 @@ class AuditSession:
         failed: Sequence[FailedReply],
         started: datetime,
     ) -> None:
-        """Audit one round's updates (inline, or queued in the background)."""
+        """Audit one round's updates on the calling thread (see :meth:`defer`)."""
         updates, aggregate_only, notes = aggregate_update(updates)
         if self._capture is not None:
             try:
@@ -274,22 +287,16 @@ class AuditSession:
             except OSError as exc:
                 logger.warning("fl-audit: round %d not captured: %s", server_round, exc)
 
-        def report() -> None:
-            self.reports[server_round] = self.auditor.audit_round(
-                server_round,
-                global_state,
-                updates,
-                train_config=train_config,
-                failed=failed,
-                aggregate_only=aggregate_only,
-                started_at=started,
-                notes=notes,
-            )
-
-        if self._background is None:
-            report()
-        else:
-            self._background.submit(server_round, report)
+        self.reports[server_round] = self.auditor.audit_round(
+            server_round,
+            global_state,
+            updates,
+            train_config=train_config,
+            failed=failed,
+            aggregate_only=aggregate_only,
+            started_at=started,
+            notes=notes,
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every round submitted so far is reported (bounded)."""

@@ -136,7 +136,27 @@ class LegacyAuditStrategy(Strategy):
         aggregate = self.strategy.aggregate_fit(server_round, results, failures)
 
         try:
-            self._audit(server_round, results, taken, failures, started)
+            global_arrays = self._global.get(server_round)
+            if global_arrays is None:
+                logger.warning(
+                    "fl-audit: round %d has no global parameters (configure_fit was "
+                    "not called through the LegacyAuditStrategy); not audited",
+                    server_round,
+                )
+            else:
+                self._session.defer(
+                    server_round,
+                    functools.partial(
+                        self._audit,
+                        server_round,
+                        global_arrays,
+                        self._fit_config.get(server_round, {}),
+                        list(results),
+                        taken,
+                        list(failures),
+                        started,
+                    ),
+                )
         except Exception:
             logger.exception(
                 "fl-audit: the audit of round %d failed; training goes on", server_round
@@ -171,19 +191,14 @@ class LegacyAuditStrategy(Strategy):
     def _audit(
         self,
         server_round: int,
+        global_arrays: list[np.ndarray],
+        fit_config: dict[str, Any],
         results: FitResults,
         taken: list[dict[str, Any]],
         failures: FitFailures,
         started: datetime,
     ) -> None:
-        global_arrays = self._global.get(server_round)
-        if global_arrays is None:
-            logger.warning(
-                "fl-audit: round %d has no global parameters (configure_fit was not "
-                "called through the LegacyAuditStrategy); not audited",
-                server_round,
-            )
-            return
+        """Read the results and audit them (on the background thread if any)."""
         global_state = {str(i): a for i, a in enumerate(global_arrays)}
 
         updates = [
@@ -195,7 +210,7 @@ class LegacyAuditStrategy(Strategy):
             server_round,
             global_state,
             updates,
-            train_config=self._fit_config.get(server_round, {}),
+            train_config=fit_config,
             failed=failed,
             started=started,
         )

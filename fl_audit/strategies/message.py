@@ -153,7 +153,27 @@ class AuditStrategy(Strategy):
         aggregate = self.strategy.aggregate_train(server_round, replies)
 
         try:
-            self._audit(server_round, replies, taken, started)
+            global_state = self._global.get(server_round)
+            if global_state is None:
+                logger.warning(
+                    "fl-audit: round %d has no global arrays (configure_train was "
+                    "not called through the AuditStrategy); not audited",
+                    server_round,
+                )
+            else:
+                train_config = self._train_config.get(server_round, {})
+                self._session.defer(
+                    server_round,
+                    functools.partial(
+                        self._audit,
+                        server_round,
+                        global_state,
+                        train_config,
+                        replies,
+                        taken,
+                        started,
+                    ),
+                )
         except Exception:
             logger.exception(
                 "fl-audit: the audit of round %d failed; training goes on", server_round
@@ -194,20 +214,13 @@ class AuditStrategy(Strategy):
     def _audit(
         self,
         server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        train_config: Mapping[str, Any],
         replies: list[Message],
         taken: list[tuple[Any, Any]],
         started: datetime,
     ) -> None:
-        global_state = self._global.get(server_round)
-        train_config = self._train_config.get(server_round, {})
-        if global_state is None:
-            logger.warning(
-                "fl-audit: round %d has no global arrays (configure_train was not "
-                "called through the AuditStrategy); not audited",
-                server_round,
-            )
-            return
-
+        """Read the replies and audit them (on the background thread if any)."""
         updates: list[ClientUpdate] = []
         failed: list[FailedReply] = []
         for msg, (meta_raw, truth_raw) in zip(replies, taken, strict=True):
