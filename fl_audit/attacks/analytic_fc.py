@@ -123,6 +123,32 @@ class _Gradient:
         self.rank = int((self.rank_tol * self.scale < S).sum())
         self.U, self.S, self.Vt = U[:, : self.rank], S[: self.rank], Vt[: self.rank]
 
+    def downdate(self, terms: list[tuple[float, np.ndarray, np.ndarray]]) -> None:
+        """Subtract ``a d [x, 1]`` for each ``(a, d, x)`` and update the SVD.
+
+        Every peeled term lies in the current column and row spaces, so the
+        new SVD is that of the small r x r core ``S - sum a (U^T d)(V^T xe)^T``
+        (``xe = [x, 1]``), rotated back: no SVD of the full h x (d + 1) matrix.
+        What lies outside the two spaces was below the rank tolerance before
+        and is not changed by the subtraction.
+        """
+        core = np.diag(self.S)  # (r, r)
+        for a, d, x in terms:
+            self.G -= a * np.outer(d, x)
+            self.g -= a * d
+            core -= a * np.outer(self.U.T @ d, self.Vt @ np.append(x, 1.0))
+        Uc, Sc, Vct = np.linalg.svd(core)
+        self.rank = int((self.rank_tol * self.scale < Sc).sum())
+        k = self.rank
+        self.U, self.S, self.Vt = self.U @ Uc[:, :k], Sc[:k], Vct[:k] @ self.Vt
+
+    def snapshot(self) -> tuple[np.ndarray, ...]:
+        return (self.G.copy(), self.g.copy(), self.U, self.S, self.Vt)
+
+    def restore(self, saved: tuple[np.ndarray, ...]) -> None:
+        self.G, self.g, self.U, self.S, self.Vt = saved
+        self.rank = self.S.size
+
 
 @register_attack("analytic_fc")
 class AnalyticFCInversion(Attack):
@@ -190,7 +216,10 @@ class AnalyticFCInversion(Attack):
     # ------------------------------------------------------------------ checks
 
     def applicability(self, target: AttackTarget) -> Applicability:
-        layer = find_first_layer(target.model, target.input_shape)
+        return self._applicable(find_first_layer(target.model, target.input_shape))
+
+    @staticmethod
+    def _applicable(layer: FirstLayer) -> Applicability:
         if layer.kind != "linear":
             kind = type(layer.module).__name__ if layer.module is not None else "?"
             reason = layer.reason or (
@@ -207,10 +236,11 @@ class AnalyticFCInversion(Attack):
         return Applicability(True, f"fully-connected first layer {layer.path}")
 
     def _first_layer(self, target: AttackTarget) -> FirstLayer:
-        verdict = self.applicability(target)
+        layer = find_first_layer(target.model, target.input_shape)
+        verdict = self._applicable(layer)
         if not verdict:
             raise UnsupportedModelError(f"analytic_fc does not apply: {verdict.reason}")
-        return find_first_layer(target.model, target.input_shape)
+        return layer
 
     # --------------------------------------------------------------------- run
 
@@ -398,10 +428,10 @@ class AnalyticFCInversion(Attack):
                 break
             # Peel all accepted inputs at once; true inputs drop the rank by one
             # each. If they do not, keep only the best-supported one.
-            before = (grad.G.copy(), grad.g.copy(), grad.rank)
+            before, rank = grad.snapshot(), grad.rank
             _subtract(grad, accepted)
-            if grad.rank != before[2] - len(accepted) and len(accepted) > 1:
-                grad.G, grad.g = before[0], before[1]
+            if grad.rank != rank - len(accepted) and len(accepted) > 1:
+                grad.restore(before)
                 accepted = accepted[:1]
                 _subtract(grad, accepted)
             kind = "model" if certifier.steps is None else "trajectory"
@@ -433,14 +463,25 @@ class AnalyticFCInversion(Attack):
         Returns the accepted inputs and the candidates worth reporting
         uncertified.
         """
-        cheap, plausible = self._candidates(target, grad, tol, notes, cheap=True)
-        accepted = certifier.certify(grad, cheap, tol)
-        if certifier.steps is not None:
-            accepted = certifier.steps.trim(accepted)
-        if accepted or grad.rank == 1:
-            return accepted, plausible
+        if grad.rank == 1:
+            single = [_single_input(grad)]
+            accepted = certifier.certify(grad, single, tol)
+            return self._trimmed(certifier, accepted), single
+        # Cheapest first: the separable read-off (r candidates), then the unit
+        # ratios (h candidates); each is certified in one batched model call.
+        for tier in ("separable", "units"):
+            cheap, _ = self._candidates(target, grad, tol, notes, tier=tier)
+            accepted = self._trimmed(certifier, certifier.certify(grad, cheap, tol))
+            if accepted:
+                return accepted, []
         full, plausible = self._candidates(target, grad, tol, notes)
         return certifier.certify(grad, full, tol), plausible
+
+    @staticmethod
+    def _trimmed(
+        certifier: _ModelCertifier, accepted: list[_Accepted]
+    ) -> list[_Accepted]:
+        return accepted if certifier.steps is None else certifier.steps.trim(accepted)
 
     # -------------------------------------------------------------- candidates
 
@@ -450,27 +491,26 @@ class AnalyticFCInversion(Attack):
         grad: _Gradient,
         tol: _Tolerances,
         notes: list[str] | None,
-        cheap: bool = False,
+        tier: str = "full",
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """All candidates to certify, and those worth reporting uncertified.
+        """Candidates to certify, and those worth reporting uncertified.
 
         Unit ratios of multi-input units are mixtures, so only vertices (and
         the single-input ratio) are reported when they cannot be certified.
-        ``cheap`` tries unit ratios and the separable read-off only (no
-        linear programs).
+        ``tier`` is ``"separable"`` (the read-off only), ``"units"`` (unit
+        ratios only) or ``"full"`` (vertices by linear programs, then unit
+        ratios).
         """
         if grad.rank == 1:
             # One input left: the least-squares ratio over all units.
             single = [_single_input(grad)]
             return single, single
-        if cheap:
-            sep = (
-                _separable(grad, target.input_range)
-                if self.vertex_candidates and target.input_range is not None
-                else []
-            )
-            cands = _distinct(sep + _unit_ratios(grad), [], tol)
-            return cands[: self.max_candidates], []
+        if tier == "separable":
+            box = target.input_range if self.vertex_candidates else None
+            sep = _separable(grad, box) if box is not None else []
+            return _distinct(sep, [], tol)[: self.max_candidates], []
+        if tier == "units":
+            return _distinct(_unit_ratios(grad), [], tol)[: self.max_candidates], []
 
         vertices: list[np.ndarray] = []
         if self.vertex_candidates and target.input_range is not None:
@@ -486,10 +526,7 @@ class AnalyticFCInversion(Attack):
 
 def _subtract(grad: _Gradient, accepted: list[_Accepted]) -> None:
     """Remove the accepted inputs' terms a d x^T and a d from the gradient."""
-    for item in accepted:
-        grad.G -= item.weight * np.outer(item.d, item.x)
-        grad.g -= item.weight * item.d
-    grad.refresh()
+    grad.downdate([(item.weight, item.d, item.x) for item in accepted])
 
 
 # ------------------------------------------------------------------ candidates
@@ -637,9 +674,8 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
     r = Y.shape[0]
     # The mean direction of the columns usually sees them all on one side;
     # otherwise max t s.t. q . unit_p >= t, -1 <= q <= 1 (one small LP).
-    q = unit.sum(axis=1)
-    q /= max(float(np.linalg.norm(q)), 1e-300)
-    if float((q @ unit).min()) <= 1e-6:
+    q = _pointing_direction(unit)
+    if q is None:
         res = linprog(
             np.r_[np.zeros(r), -1.0],
             A_ub=np.hstack([-unit.T, np.ones((live.size, 1))]),
@@ -664,6 +700,24 @@ def _anchor_pixels(Y: np.ndarray, k: int) -> list[int]:
     return anchors
 
 
+def _pointing_direction(unit: np.ndarray, steps: int = 200) -> np.ndarray | None:
+    """A direction q with ``q . u > 0`` for every unit column u (r, n), cheaply.
+
+    Starts from the mean direction and adds the worst-served column
+    (perceptron updates: at most ``1 / margin^2`` of them); ``None`` when
+    that does not settle, and the caller solves the linear program instead.
+    """
+    q = unit.sum(axis=1)
+    q /= max(float(np.linalg.norm(q)), 1e-300)
+    for _ in range(steps):
+        dots = q @ unit  # (n,)
+        worst = int(np.argmin(dots))
+        if dots[worst] > 1e-6 * float(np.linalg.norm(q)):
+            return q / float(np.linalg.norm(q))
+        q = q + unit[:, worst]
+    return None
+
+
 def _onto_slice(grad: _Gradient, X: np.ndarray) -> np.ndarray:
     """Project candidates (n, d) onto the row space, scaled to [x, 1].
 
@@ -682,17 +736,31 @@ def _onto_slice(grad: _Gradient, X: np.ndarray) -> np.ndarray:
 def _distinct(
     cands: list[np.ndarray], known: list[_Found], tol: _Tolerances
 ) -> list[np.ndarray]:
-    """Drop candidates that repeat each other or an input already found."""
-    kept: list[np.ndarray] = []
-    refs = [f.x for f in known]
-    for c in cands:
-        if not np.all(np.isfinite(c)):
+    """Drop candidates that repeat each other or an input already found.
+
+    A candidate repeats another when they differ by at most 1e-6 of its norm;
+    the first of a group is kept, in the given order.
+    """
+    cands = [c for c in cands if np.all(np.isfinite(c))]
+    if not cands:
+        return []
+    C = np.stack(cands)  # (n, d)
+    R = np.stack([f.x for f in known]) if known else np.zeros((0, C.shape[1]))
+    sq_c = np.einsum("nd,nd->n", C, C)
+    limit = (1e-6 * np.maximum(np.sqrt(sq_c), 1e-300)) ** 2  # (n,)
+    # Squared distances from the Gram matrix; rounding there is far below
+    # the 1e-6 relative threshold for inputs of similar norm.
+    to_known = (
+        sq_c[:, None] + np.einsum("kd,kd->k", R, R)[None, :] - 2 * C @ R.T
+    )  # (n, k)
+    dup_known = (to_known <= limit[:, None]).any(axis=1)
+    among = sq_c[:, None] + sq_c[None, :] - 2 * C @ C.T  # (n, n)
+    kept: list[int] = []
+    for i in range(len(cands)):
+        if dup_known[i] or (kept and bool((among[i, kept] <= limit[i]).any())):
             continue
-        scale = max(float(np.linalg.norm(c)), 1e-300)
-        if any(np.linalg.norm(c - r) <= 1e-6 * scale for r in refs + kept):
-            continue
-        kept.append(c)
-    return kept
+        kept.append(i)
+    return [cands[i] for i in kept]
 
 
 # ------------------------------------------------------------ model certifier
@@ -748,23 +816,22 @@ class _ModelCertifier:
         inputs = torch.from_numpy(np.repeat(X, C, axis=0)).reshape(
             n * C, *self.input_shape
         )
+        inputs.requires_grad_(True)  # z needs a graph even for frozen weights
         labels = torch.arange(C).repeat(n)
         captured: dict[str, torch.Tensor] = {}
 
         def keep_output(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
-            out.retain_grad()
             captured["z"] = out
 
         handle = self.layer.register_forward_hook(keep_output)
         try:
             logits = self.model(inputs)
-            self.loss(logits, labels).backward()
         finally:
             handle.remove()
-            self.model.zero_grad(set_to_none=True)
-        z = captured["z"]
-        assert z.grad is not None
-        return z.grad.detach().numpy().reshape(n, C, -1)
+        # Only the first layer's output needs its gradient: no parameter
+        # gradients are formed.
+        (dz,) = torch.autograd.grad(self.loss(logits, labels), [captured["z"]])
+        return dz.detach().numpy().reshape(n, C, -1)
 
     def _residuals(
         self, grad: _Gradient, X: np.ndarray
@@ -793,7 +860,6 @@ class _ModelCertifier:
             return []  # col(G) is the whole space: the test would prove nothing
         X = _onto_slice(grad, np.stack(candidates))  # (n, d)
         D, resid = self._residuals(grad, X)
-        U = grad.U
 
         accepted: list[_Accepted] = []
         for i in np.argsort(resid.min(axis=1)):
@@ -802,10 +868,11 @@ class _ModelCertifier:
             if resid[i, y] > tol.subspace:
                 break
             # Exactly one label may pass, by a wide margin: a second passing
-            # label means the test cannot tell labels, nor inputs, apart.
+            # label means the test cannot tell labels, nor inputs, apart. This
+            # also rejects a vacuous test: when the signals of x for all labels
+            # lie in col(G) (few live units, fewer units than classes, inputs
+            # sharing one activation pattern) every label would pass.
             if resid[i, order[1]] <= 1e3 * tol.subspace:
-                continue
-            if not self._informative(U, D[i]):
                 continue
             x, d = X[i], D[i, y]
             weight = self._weight(grad, x, d)
@@ -830,20 +897,6 @@ class _ModelCertifier:
             for p, g in zip(params, grads, strict=True):
                 p.sub_(self.steps.lr * g)
         logger.debug("analytic_fc: replayed local step %d", len(self.steps.completed))
-
-    @staticmethod
-    def _informative(U: np.ndarray, D: np.ndarray) -> bool:
-        """Whether "d(x, y) lies in col(G)" could have failed for this x.
-
-        The signals of x for all labels span F = J^T Z (J: logits over the
-        first layer's output; Z: logit errors, which sum to zero). If F lies
-        inside col(G) — few live units, fewer units than classes, or inputs
-        that all share one activation pattern — every candidate passes and
-        the test proves nothing.
-        """
-        rank_f = np.linalg.matrix_rank(D)  # D: (C, h)
-        joint = np.linalg.matrix_rank(np.hstack([D.T, U]))
-        return joint - U.shape[1] >= 1 and rank_f >= 1
 
     @staticmethod
     def _weight(grad: _Gradient, x: np.ndarray, d: np.ndarray) -> float | None:
