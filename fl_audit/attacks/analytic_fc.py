@@ -132,11 +132,11 @@ class _Gradient:
         What lies outside the two spaces was below the rank tolerance before
         and is not changed by the subtraction.
         """
-        core = np.diag(self.S)  # (r, r)
-        for a, d, x in terms:
-            self.G -= a * np.outer(d, x)
-            self.g -= a * d
-            core -= a * np.outer(self.U.T @ d, self.Vt @ np.append(x, 1.0))
+        A = np.stack([a * d for a, d, _ in terms], axis=1)  # (h, k)
+        Xe = np.stack([np.append(x, 1.0) for _, _, x in terms])  # (k, d + 1)
+        self.G -= A @ Xe[:, :-1]
+        self.g -= A.sum(axis=1)
+        core = np.diag(self.S) - (self.U.T @ A) @ (Xe @ self.Vt.T)  # (r, r)
         Uc, Sc, Vct = np.linalg.svd(core)
         self.rank = int((self.rank_tol * self.scale < Sc).sum())
         k = self.rank
