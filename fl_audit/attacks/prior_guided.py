@@ -15,8 +15,8 @@ at a time, what makes DLG slow and unreliable:
   fully-connected first layer; otherwise the input of the first linear
   layer, read off its gradient as in Qian & Hansen's result 1 or its row
   space for a batch, then inverted through the layers before it), the mean
-  of a reference set, uniform noise over the input range (the seed paper's
-  later version);
+  of a reference set, the centre of the input range, uniform noise over it
+  (the seed paper's later version);
 * priors: total variation for images, a second-difference smoothness prior
   for 1-D signals, the box of the input range; the prior is dropped for a
   final polish so it does not bias a converged answer;
@@ -86,7 +86,8 @@ class PriorGuidedReconstruction(Attack):
         optimised. ``"optimise"``: DLG's soft labels, optimised jointly.
     inits:
         Initialisation of each trial, in order: ``"analytic"``, ``"mean"``
-        (needs ``reference``), ``"uniform"`` or ``"normal"``. ``None``:
+        (needs ``reference``), ``"centre"`` (the middle of the input range,
+        jittered by 1 % for a batch), ``"uniform"`` or ``"normal"``. ``None``:
         analytic, then the reference mean when given, then uniform noise,
         ``restarts`` trials in all; ``"analytic"`` leads only where the FC
         attack recovered inputs (the feature-inversion start measured
@@ -299,9 +300,6 @@ class PriorGuidedReconstruction(Attack):
         plan = (["analytic"] if has_analytic else []) + (
             ["mean"] if has_reference else []
         )
-        # The box's centre is a smooth start: measured faster than noise to
-        # 30 dB (bench/iterative.py); the restarts draw uniform noise.
-        plan += ["centre"] if not plan else []
         plan += ["uniform"] * max(self.restarts - len(plan), 0)
         return tuple(plan[: self.restarts])
 
