@@ -16,6 +16,8 @@ layer; DLG's U(-0.5, 0.5) weights, or PyTorch's default ones where marked
 run as published (L-BFGS lr 1, no line search).
 
 Run: python bench/iterative.py [--full] [--limit SECONDS]
+[--case "MODALITY,MODEL,BATCH,COUNT;..."] [--also-inits INIT,INIT,...]
+(``--also-inits`` adds a prior_guided row with those starts, same targets).
 The default run (a few inputs per case, 15 s per run) fits in about ten
 minutes on two cores. ``--full`` runs 20 images per image modality and
 sigmoid-LeNet/ReLU case at batch 1 (10 ECG windows, 10 Fashion-MNIST images
