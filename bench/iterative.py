@@ -16,6 +16,8 @@ layer; DLG's U(-0.5, 0.5) weights, or PyTorch's default ones where marked
 run as published (L-BFGS lr 1, no line search).
 
 Run: python bench/iterative.py [--full] [--limit SECONDS]
+[--case "MODALITY,MODEL,BATCH,COUNT;..."] [--also-inits INIT,INIT,...]
+(``--also-inits`` adds a prior_guided row with those starts, same targets).
 The default run (a few inputs per case, 15 s per run) fits in about ten
 minutes on two cores. ``--full`` runs 20 images per image modality and
 sigmoid-LeNet/ReLU case at batch 1 (10 ECG windows, 10 Fashion-MNIST images
@@ -161,10 +163,14 @@ def targets(kind: str, model: str, batch: int, count: int):
 
 
 def median(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f}" if values else "-"
+    return f"{statistics.median(values):.2f}" if values else "-"
 
 
-def case_table(cases: list[tuple[str, str, int, int]], limit: float) -> None:
+def case_table(
+    cases: list[tuple[str, str, int, int]],
+    limit: float,
+    extra: tuple[str, dict] | None = None,
+) -> None:
     print(
         "| modality | model | B | attack | success | med s to 25 dB "
         "| med s to 30 dB | best PSNR | DLG/PG time to 30 dB |"
@@ -172,6 +178,8 @@ def case_table(cases: list[tuple[str, str, int, int]], limit: float) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, model, batch, count in cases:
         runs: dict[str, list[Run]] = {"dlg": [], "prior_guided": []}
+        if extra is not None:
+            runs[extra[0]] = []
         for target, x in targets(kind, model, batch, count):
             runs["dlg"].append(
                 attack_once(
@@ -189,15 +197,29 @@ def case_table(cases: list[tuple[str, str, int, int]], limit: float) -> None:
                     x,
                 )
             )
-        both = [
-            (d.t30, p.t30)
-            for d, p in zip(runs["dlg"], runs["prior_guided"], strict=True)
-            if d.t30 is not None and p.t30 is not None
-        ]
-        ratio = "-"
-        if both:
-            dlg_s = statistics.median([d for d, _ in both])
-            ratio = f"{dlg_s / statistics.median([p for _, p in both]):.1f}"
+            if extra is not None:
+                runs[extra[0]].append(
+                    attack_once(
+                        PriorGuidedReconstruction,
+                        {"time_budget_s": limit, "max_iterations": None, **extra[1]},
+                        target,
+                        x,
+                    )
+                )
+        ratios = {}
+        for name in runs:
+            if name == "dlg":
+                continue
+            both = [
+                (d.t30, p.t30)
+                for d, p in zip(runs["dlg"], runs[name], strict=True)
+                if d.t30 is not None and p.t30 is not None
+            ]
+            ratios[name] = "-"
+            if both:
+                dlg_s = statistics.median([d for d, _ in both])
+                pg_s = statistics.median([p for _, p in both])
+                ratios[name] = f"{dlg_s / pg_s:.1f}"
         for name, rs in runs.items():
             ok = sum(r.t30 is not None for r in rs)
             print(
@@ -205,7 +227,7 @@ def case_table(cases: list[tuple[str, str, int, int]], limit: float) -> None:
                 f"{median([r.t25 for r in rs if r.t25 is not None])} | "
                 f"{median([r.t30 for r in rs if r.t30 is not None])} | "
                 f"{median([r.best for r in rs])} | "
-                f"{ratio if name == 'prior_guided' else ''} |",
+                f"{ratios.get(name, '')} |",
                 flush=True,
             )
 
@@ -271,14 +293,29 @@ def main() -> None:
     parser.add_argument(
         "--case",
         default=None,
-        help="one case only, as MODALITY,MODEL,BATCH,COUNT (no ablation)",
+        help="cases only, as MODALITY,MODEL,BATCH,COUNT, several separated by ';' "
+        "(no ablation)",
+    )
+    parser.add_argument(
+        "--also-inits",
+        default=None,
+        help="add a prior_guided row whose trials start from these inits, "
+        "comma-separated (e.g. uniform,uniform,uniform,uniform: the plan before "
+        "the centre start), on the same targets",
     )
     args = parser.parse_args()
+    extra = None
+    if args.also_inits:
+        inits = args.also_inits.split(",")
+        extra = (f"prior_guided[{'+'.join(sorted(set(inits)))}]", {"inits": inits})
     if args.case:
-        kind, model, batch, count = args.case.split(",")
+        chosen = []
+        for spec in args.case.split(";"):
+            kind, model, batch, count = spec.split(",")
+            chosen.append((kind, model, int(batch), int(count)))
         limit = args.limit or 60.0
         print(f"limit {limit:.0f} s per run, one BLAS thread, float64 gradients\n")
-        case_table([(kind, model, int(batch), int(count))], limit)
+        case_table(chosen, limit, extra)
         return
     limit = args.limit or (60.0 if args.full else 15.0)
     if args.full:

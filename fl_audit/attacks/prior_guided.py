@@ -15,8 +15,8 @@ at a time, what makes DLG slow and unreliable:
   fully-connected first layer; otherwise the input of the first linear
   layer, read off its gradient as in Qian & Hansen's result 1 or its row
   space for a batch, then inverted through the layers before it), the mean
-  of a reference set, uniform noise over the input range (the seed paper's
-  later version);
+  of a reference set, the centre of the input range, uniform noise over it
+  (the seed paper's later version);
 * priors: total variation for images, a second-difference smoothness prior
   for 1-D signals, the box of the input range; the prior is dropped for a
   final polish so it does not bias a converged answer;
@@ -57,7 +57,7 @@ from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import FLAuditError, InvalidInputError
 
-_INITS = ("analytic", "mean", "uniform", "normal")
+_INITS = ("analytic", "mean", "centre", "uniform", "normal")
 _LABEL_MODES = ("auto", "optimise")
 
 
@@ -86,7 +86,8 @@ class PriorGuidedReconstruction(Attack):
         optimised. ``"optimise"``: DLG's soft labels, optimised jointly.
     inits:
         Initialisation of each trial, in order: ``"analytic"``, ``"mean"``
-        (needs ``reference``), ``"uniform"`` or ``"normal"``. ``None``:
+        (needs ``reference``), ``"centre"`` (the middle of the input range,
+        jittered by 1 % for a batch), ``"uniform"`` or ``"normal"``. ``None``:
         analytic, then the reference mean when given, then uniform noise,
         ``restarts`` trials in all; ``"analytic"`` leads only where the FC
         attack recovered inputs (the feature-inversion start measured
@@ -489,18 +490,19 @@ class PriorGuidedReconstruction(Attack):
         uniform = lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=problem.dtype)
         if init == "uniform":
             return uniform
+        if init == "centre":
+            # the middle of the box; a little noise breaks the symmetry
+            # between the slots of a batch
+            centre = torch.full(shape, (lo + hi) / 2, dtype=problem.dtype)
+            return centre + self._jitter(shape, box, gen, problem.dtype, batch)
         if init == "normal":
             return torch.randn(shape, generator=gen, dtype=problem.dtype)
         if init == "mean":
             assert self.reference is not None
             mean = self.reference.to(problem.dtype).mean(dim=0)  # (*input_shape)
-            # a little noise breaks the symmetry between the slots of a batch
-            jitter = (
-                0.01
-                * (hi - lo)
-                * torch.randn(shape, generator=gen, dtype=problem.dtype)
+            return mean.expand(shape) + self._jitter(
+                shape, box, gen, problem.dtype, batch
             )
-            return mean.expand(shape) + (jitter if batch > 1 else 0.0)
         if analytic is not None:
             found = analytic[0].inputs.to(problem.dtype)[:batch]  # (k, *input_shape)
             x0 = uniform.clone()
@@ -511,6 +513,20 @@ class PriorGuidedReconstruction(Attack):
             notes.append("no analytic start for this model: uniform start instead")
             return uniform
         return start
+
+    @staticmethod
+    def _jitter(
+        shape: tuple[int, ...],
+        box: tuple[float, float],
+        gen: torch.Generator,
+        dtype: torch.dtype,
+        batch: int,
+    ) -> torch.Tensor | float:
+        """Noise of 1 % of the box that breaks the symmetry of a batch's slots."""
+        if batch == 1:
+            return 0.0
+        lo, hi = box
+        return 0.01 * (hi - lo) * torch.randn(shape, generator=gen, dtype=dtype)
 
     def _feature_start(
         self,
@@ -572,7 +588,14 @@ class PriorGuidedReconstruction(Attack):
                 aug = torch.cat([u, torch.ones(batch, 1, dtype=u.dtype)], dim=1)
                 proj = (aug @ basis.T) @ basis  # (B, m + 1)
                 fit = (((aug - proj) ** 2).sum(dim=1) / (aug * aug).sum(dim=1)).mean()
-            return fit.to(x.dtype) + self._prior(x, target) + self._box_penalty(x, box)
+            # the prior's weight follows the fit reached, as in the trials
+            prior = scale[0] * self._prior(x, target)
+            return fit.to(x.dtype) + prior + self._box_penalty(x, box)
+
+        scale = [1.0]
+
+        def on_step(_n: int, value: float, _best: list[torch.Tensor]) -> None:
+            scale[0] = max(value, 1e-300)
 
         def project() -> None:
             if self.box and target.input_range is not None:
@@ -588,11 +611,12 @@ class PriorGuidedReconstruction(Attack):
                 lr=1.0,
                 line_search=True,
                 max_iterations=300,
-                chunk=20,
+                chunk=10,
                 patience=40,
                 min_improvement=1e-3,
                 tolerance=1e-10,
                 explode_factor=1e6,
+                on_step=on_step,
             )
         except Diverged as exc:
             notes.append(f"feature-inversion start diverged ({exc}): uniform start")
