@@ -106,10 +106,19 @@ class LazyArrays(Mapping[str, np.ndarray]):
     def __init__(
         self,
         loaders: Mapping[str, Callable[[], np.ndarray]],
-        fingerprint: str,
+        fingerprint: str | Callable[[], str],
+        quick: str | None = None,
     ) -> None:
         self._loaders = dict(loaders)
-        self.fingerprint = fingerprint
+        self._fingerprint = fingerprint
+        self.quick = quick
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the whole content, computed on first use."""
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._loaders[key]()
@@ -121,12 +130,17 @@ class LazyArrays(Mapping[str, np.ndarray]):
         return len(self._loaders)
 
 
-def fingerprint_of(chunks: Iterable[bytes]) -> str:
-    """A digest of serialised arrays, for telling identical updates apart."""
+def fingerprint_of(chunks: Iterable[bytes], head: int | None = None) -> str:
+    """A digest of serialised arrays, for telling identical updates apart.
+
+    With ``head``, only each chunk's length and first ``head`` bytes are
+    hashed: a cheap test that tells most different updates apart, where
+    equal quick digests still need the full one.
+    """
     digest = hashlib.blake2b(digest_size=16)
     for chunk in chunks:
         digest.update(len(chunk).to_bytes(8, "little"))
-        digest.update(chunk)
+        digest.update(chunk if head is None else chunk[:head])
     return digest.hexdigest()
 
 

@@ -6,8 +6,16 @@ Tests must not modify the tensors these fixtures return.
 from __future__ import annotations
 
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 from fl_audit.data import FASHION_MNIST_DIR, Samples, load_samples
+
+# One compute thread for the whole session: the tests run small tensor ops,
+# for which several BLAS/OpenMP threads on two shared cores spin against
+# each other (measured: a 0.6 s reconstruction took 98 s under load).
+torch.set_num_threads(1)
+_ONE_BLAS_THREAD = threadpool_limits(limits=1)
 
 FASHION_MNIST_MISSING = not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 FASHION_MNIST_SKIP = (

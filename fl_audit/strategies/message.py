@@ -18,7 +18,7 @@ can fail the round; a broken audit is logged and training goes on.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -254,12 +254,20 @@ def _take_audit_records(msg: Message) -> tuple[Any, Any]:
     return meta, truth
 
 
+_QUICK_BYTES = 4096  # per array: enough to tell clients' updates apart cheaply
+
+
 def _lazy(record: ArrayRecord) -> LazyArrays:
     """The record's arrays, decoded only when the client's audit needs them."""
     arrays = dict(record.items())
+
+    def chunks() -> Iterator[bytes]:
+        return (k.encode() + a.data for k, a in arrays.items())
+
     return LazyArrays(
         {k: functools.partial(_decode, a) for k, a in arrays.items()},
-        fingerprint_of(k.encode() + a.data for k, a in arrays.items()),
+        lambda: fingerprint_of(chunks()),
+        quick=fingerprint_of(chunks(), head=_QUICK_BYTES),
     )
 
 
