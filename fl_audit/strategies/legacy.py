@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -254,14 +254,10 @@ def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUp
         metadata = metadata.model_copy(update={"num_examples": int(res.num_examples)})
 
     tensors = list(res.parameters.tensors)
-
-    def chunks() -> Iterator[bytes]:
-        return (str(i).encode() + t for i, t in enumerate(tensors))
-
     state = LazyArrays(
         {str(i): functools.partial(bytes_to_ndarray, t) for i, t in enumerate(tensors)},
-        lambda: fingerprint_of(chunks()),
-        quick=fingerprint_of(chunks(), head=4096),  # see message._QUICK_BYTES
+        functools.partial(_digest, tensors),  # a partial, not a closure: it pickles
+        quick=_digest(tensors, head=4096),  # as message._QUICK_BYTES
     )
 
     truth: GroundTruth | None = None
@@ -281,6 +277,10 @@ def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUp
         ground_truth=truth,
         notes=notes,
     )
+
+
+def _digest(tensors: list[bytes], head: int | None = None) -> str:
+    return fingerprint_of((str(i).encode() + t for i, t in enumerate(tensors)), head)
 
 
 def _failure(failure: tuple[ClientProxy, FitRes] | BaseException) -> FailedReply:

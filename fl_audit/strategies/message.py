@@ -18,7 +18,7 @@ can fail the round; a broken audit is logged and training goes on.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -260,15 +260,15 @@ _QUICK_BYTES = 4096  # per array: enough to tell clients' updates apart cheaply
 def _lazy(record: ArrayRecord) -> LazyArrays:
     """The record's arrays, decoded only when the client's audit needs them."""
     arrays = dict(record.items())
-
-    def chunks() -> Iterator[bytes]:
-        return (k.encode() + a.data for k, a in arrays.items())
-
     return LazyArrays(
         {k: functools.partial(_decode, a) for k, a in arrays.items()},
-        lambda: fingerprint_of(chunks()),
-        quick=fingerprint_of(chunks(), head=_QUICK_BYTES),
+        functools.partial(_digest, arrays),  # a partial, not a closure: it pickles
+        quick=_digest(arrays, head=_QUICK_BYTES),
     )
+
+
+def _digest(arrays: Mapping[str, Array], head: int | None = None) -> str:
+    return fingerprint_of((k.encode() + a.data for k, a in arrays.items()), head)
 
 
 def _decode(array: Array) -> np.ndarray:
