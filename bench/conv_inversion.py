@@ -11,7 +11,22 @@ the PSNR of the attack's reconstruction, whether the attack certified it
 * ReLU-adjusted count: the equations kept after the ReLU (positive outputs)
   against the unknowns, ``kept >= C d^2``,
 * the exact-rank verdict of :func:`fl_audit.bounds.analyze` (the conv's
-  operator without ReLU).
+  operator without ReLU),
+* the ReLU-restricted exact-rank verdict ``conv_exact_rank_relu`` of
+  ``analyze(..., probe=...)``, twice:
+
+  - *own sample*: the probe is the run's own input, so the verdict is the
+    rank of the very system the attack solves (without its kernel
+    equations) -- close to the attack's certificate, not a prediction made
+    before seeing the data. The runs of one ``h`` are probed in one call;
+    each probe input gets its own rank, so this equals one call per run;
+  - *predictive*: the probe is 8 OTHER real samples of the same modality
+    (drawn with another seed, any sample identical to a run's dropped; for
+    photos these are other random crops of the same 7 photos), the verdict
+    a user gets before seeing any client's data. It holds when all 8 are
+    full rank, so it is one yes/no per (configuration, h) and cannot match
+    an ``h`` at which the runs split; the best any such per-``h`` verdict
+    could score is printed next to it.
 
 It prints one table per configuration, the agreement rate of each
 prediction with the measured outcome over all runs, a batch experiment
@@ -69,6 +84,7 @@ class Config:
     p: int
     hs: list[int]
     kernel_equations: bool = False
+    probe_full: dict[int, float] = field(default_factory=dict)
     runs: list[dict[str, float | int | bool | None]] = field(default_factory=list)
 
 
@@ -134,14 +150,33 @@ def target_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarg
     return AttackTarget.from_gradients(model, named, tuple(x.shape[1:]))
 
 
+PROBES = 8
+
+
+def other_samples(cfg: Config, xs: torch.Tensor) -> torch.Tensor:
+    """``PROBES`` real samples of the same kind, none of them a run's input."""
+    pool = load_samples(cfg.kind, PROBES + cfg.count, size=cfg.size, seed=77)
+    cand = pool.inputs.double()
+    fresh = [c for c in cand if not any(torch.equal(c, x) for x in xs)]
+    return torch.stack(fresh[:PROBES])
+
+
 def sweep(cfg: Config) -> None:
     samples = load_samples(cfg.kind, cfg.count, size=cfg.size, seed=21)
     xs = samples.inputs.double()
+    others = other_samples(cfg, xs)
+    shape = tuple(xs.shape[1:])
     attack = ConvInversion(weight_equations=cfg.kernel_equations)
     for h in cfg.hs:
         model = model_for(xs, h, cfg.k, cfg.s, cfg.p, seed=h)
-        report = analyze(model, tuple(xs.shape[1:]), batch_size=1)
+        report = analyze(model, shape, batch_size=1, probe=xs)
         rank_verdict = report.verdict("conv_exact_rank").holds
+        own = report.verdict("conv_exact_rank_relu")
+        own_full = [r == own.required for r in own.quantities["probe_ranks"]]
+        pred = analyze(model, shape, batch_size=1, probe=others).verdict(
+            "conv_exact_rank_relu"
+        )
+        cfg.probe_full[h] = float(pred.quantities["full_rank_fraction"])
         per_sample = report.verdict("conv_per_sample").required
         v1_b4 = analyze(model, tuple(xs.shape[1:]), batch_size=4, exact_rank_limit=1)
         for i in range(cfg.count):
@@ -164,6 +199,8 @@ def sweep(cfg: Config) -> None:
                     "per_sample": per_sample,
                     "seed_v1_b4": v1_b4.verdict("conv_seed_v1").required,
                     "rank_verdict": rank_verdict,
+                    "relu_own": own_full[i],
+                    "relu_probe": bool(pred.holds),
                     "elapsed": result.elapsed_s,
                 }
             )
@@ -182,10 +219,19 @@ def first_h(runs: list[dict], key: str) -> int | None:
 def summarise(cfgs: list[Config]) -> dict[str, float]:
     head = (
         f"{'h':>3} {'runs':>4} {'exact':>5} {'cert':>4} {'median dB':>9} "
-        f"{'kept/unk':>8} {'rank ok':>7} {'count ok':>8} {'relu ok':>7}"
+        f"{'kept/unk':>8} {'rank ok':>7} {'count ok':>8} {'relu ok':>7} "
+        f"{'own ok':>6} {'probes full':>11}"
     )
-    agree = {"exact-rank verdict (bounds)": [], "per-sample count": [],
-             "ReLU-adjusted count": [], "attack certificate": []}  # fmt: skip
+    agree: dict[str, list[bool]] = {
+        "exact-rank verdict (bounds)": [],
+        "per-sample count": [],
+        "ReLU-adjusted count": [],
+        "ReLU exact rank, own sample": [],
+        "ReLU exact rank, 8 others": [],
+        "best per-(config, h) verdict": [],
+        "attack certificate": [],
+    }
+    misses: list[str] = []
     for cfg in cfgs:
         runs = cfg.runs
         d_ratio = runs[0]["unknowns"] / (runs[0]["equations"] / runs[0]["h"])
@@ -208,9 +254,22 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
                 f"{statistics.median(r['psnr'] for r in rs):>9.1f} "
                 f"{statistics.mean(r['kept'] / r['unknowns'] for r in rs):>8.2f} "
                 f"{str(rs[0]['rank_verdict']):>7} {str(h >= count):>8} "
-                f"{str(all(r['kept'] >= r['unknowns'] for r in rs)):>7}"
+                f"{str(all(r['kept'] >= r['unknowns'] for r in rs)):>7} "
+                f"{sum(r['relu_own'] for r in rs):>3}/{len(rs):<2} "
+                f"{cfg.probe_full[h]:>11.2f}"
             )
+            n_exact = sum(bool(r["exact"]) for r in rs)
+            majority = n_exact * 2 >= len(rs)
+            if any(bool(r["relu_probe"]) != r["exact"] for r in rs):
+                misses.append(
+                    f"{cfg.label} h={h}: predictive verdict {rs[0]['relu_probe']} "
+                    f"({cfg.probe_full[h]:.2f} of the probes full rank), "
+                    f"{n_exact}/{len(rs)} runs exact"
+                )
             for r in rs:
+                agree["ReLU exact rank, own sample"].append(r["relu_own"] == r["exact"])
+                agree["ReLU exact rank, 8 others"].append(r["relu_probe"] == r["exact"])
+                agree["best per-(config, h) verdict"].append(majority == r["exact"])
                 agree["exact-rank verdict (bounds)"].append(
                     bool(r["rank_verdict"]) == r["exact"]
                 )
@@ -232,7 +291,10 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
     rates = {}
     for name, hits in agree.items():
         rates[name] = sum(hits) / len(hits)
-        print(f"   {name:<28} {sum(hits):>3}/{len(hits)} = {rates[name]:.1%}")
+        print(f"   {name:<30} {sum(hits):>3}/{len(hits)} = {rates[name]:.1%}")
+    print("misses of the predictive verdict (8 other samples as probe):")
+    for line in misses:
+        print(f"   {line}")
     return rates
 
 
@@ -265,6 +327,12 @@ def plot(cfgs: list[Config]) -> Path:
         rank_h = first_h(cfg.runs, "rank_verdict")
         if rank_h is not None:
             ax.axvline(rank_h, color="k", lw=0.8, label="exact rank (no ReLU)")
+        relu_h = first_h(cfg.runs, "relu_probe")
+        if relu_h is not None:
+            ax.axvline(
+                relu_h, color="tab:red", ls="--", lw=0.8,
+                label="exact rank behind ReLU (8 other samples)",
+            )  # fmt: skip
         ax.axhline(EXACT_DB, color="0.7", lw=0.6)
         ax.set_title(cfg.label, fontsize=8)
         ax.set_xlabel("filters h")
