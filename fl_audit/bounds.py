@@ -26,7 +26,11 @@ the bounds of Qian & Hansen, "What can we learn from gradients?"
     ``(h d'^2, C d^2)``; the output determines the input exactly when ``A``
     has full column rank. Computed on the real weights for moderate sizes;
   - window coverage: pixels that no filter window touches (a stride larger
-    than the kernel's reach) are lost whatever ``h`` is.
+    than the kernel's reach) are lost whatever ``h`` is;
+  - exact rank behind the activation (only with ``probe``): a ReLU after
+    the layer hides its negative outputs, so the exact test for an input
+    ``x`` is the rank of ``A`` restricted to the rows where the activation
+    of ``A x + b`` is known (positive), computed for each probe input.
 
 Each check is a :class:`Verdict`; :class:`CapacityReport` gathers them with a
 risk level for the client-round (:data:`RISK_LEVELS`):
@@ -35,12 +39,16 @@ risk level for the client-round (:data:`RISK_LEVELS`):
     The first layer keeps every input of the round: FC with ``h >= B_eff``
     (and ``B_eff <= d``), where ``B_eff`` is the number of local examples
     ``N`` when given, else the batch size, else 1 (the worst case, one input
-    per update); a convolution whose operator has full column rank.
+    per update); a convolution whose operator has full column rank (with
+    a probe, behind a ReLU: full column rank on the kept outputs for every
+    probe input).
 ``partially_exposed``
     The first layer keeps part of each input or some of the inputs: FC with
     ``h < B_eff`` (at most ``h`` directions of the batch survive), or a
     convolution whose rank is below ``C d^2`` (shown by the exact rank, or by
-    a failed count or uncovered pixels when the rank was not computed).
+    a failed count or uncovered pixels when the rank was not computed; with
+    a probe, behind a ReLU: some probe input is not determined by the
+    outputs the ReLU keeps).
 ``not_determined``
     The counts hold but the exact rank was declined (operator above the size
     limit): the counts are necessary conditions only.

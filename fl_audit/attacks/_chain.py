@@ -7,6 +7,10 @@ one returned (a reshape is allowed); otherwise an operation the hooks cannot
 see sits between them (a residual addition, a functional ``F.relu``) and the
 chain stops there, with the reason.
 
+:func:`trace_first_segment` runs the same pass but stops at the first
+activation above the convolution (the capacity bounds use it for the rank
+behind a ReLU); it needs no FC layer above.
+
 The chain is cut at its element-wise nonlinearities into *segments* of
 linear (affine) modules. :func:`segment_operator` turns a segment into a
 sparse matrix by probing it with groups of basis vectors whose outputs do not
