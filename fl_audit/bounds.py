@@ -151,7 +151,8 @@ class Verdict(BaseModel):
         the check was not evaluated.
     holds:
         Whether the condition holds; ``None`` when it could not be evaluated
-        (a missing batch size, an operator above the size limit).
+        (a missing batch size, an operator above the size limit) or does not
+        apply (``conv_exact_rank_relu`` without a zeroing activation).
     outcome:
         What the result means for the client's data.
     note:
