@@ -274,10 +274,12 @@ def analyze(
     Raises
     ------
     InvalidInputError
-        If ``model`` is not a module or a count is not a positive int; every
-        problem is listed.
+        If ``model`` is not a module, a count is not a positive int, or
+        ``probe`` is not a floating-point tensor (or array) of finite values;
+        every problem is listed.
     ShapeError
-        If ``input_shape`` is malformed or the model fails on it.
+        If ``input_shape`` is malformed or the model fails on it, or
+        ``probe`` is not of shape ``(P, *input_shape)``.
 
     Notes
     -----
@@ -316,9 +318,10 @@ def analyze(
     elif first.kind in ("conv1d", "conv2d"):
         info, verdicts = _conv_verdicts(first, batch_size, exact_rank_limit)
         if tensor is not None:
+            plain = next(v for v in verdicts if v.name == "conv_exact_rank")
             verdicts.append(
                 _conv_exact_rank_relu(
-                    verdicts[-1], model, first, shape, tensor, exact_rank_limit
+                    plain, model, first, shape, tensor, exact_rank_limit
                 )
             )
     else:
