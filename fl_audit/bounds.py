@@ -26,7 +26,11 @@ the bounds of Qian & Hansen, "What can we learn from gradients?"
     ``(h d'^2, C d^2)``; the output determines the input exactly when ``A``
     has full column rank. Computed on the real weights for moderate sizes;
   - window coverage: pixels that no filter window touches (a stride larger
-    than the kernel's reach) are lost whatever ``h`` is.
+    than the kernel's reach) are lost whatever ``h`` is;
+  - exact rank behind the activation (only with ``probe``): a ReLU after
+    the layer hides its negative outputs, so the exact test for an input
+    ``x`` is the rank of ``A`` restricted to the rows where the activation
+    of ``A x + b`` is known (positive), computed for each probe input.
 
 Each check is a :class:`Verdict`; :class:`CapacityReport` gathers them with a
 risk level for the client-round (:data:`RISK_LEVELS`):
@@ -35,12 +39,16 @@ risk level for the client-round (:data:`RISK_LEVELS`):
     The first layer keeps every input of the round: FC with ``h >= B_eff``
     (and ``B_eff <= d``), where ``B_eff`` is the number of local examples
     ``N`` when given, else the batch size, else 1 (the worst case, one input
-    per update); a convolution whose operator has full column rank.
+    per update); a convolution whose operator has full column rank (with
+    a probe, behind a ReLU: full column rank on the kept outputs for every
+    probe input).
 ``partially_exposed``
     The first layer keeps part of each input or some of the inputs: FC with
     ``h < B_eff`` (at most ``h`` directions of the batch survive), or a
     convolution whose rank is below ``C d^2`` (shown by the exact rank, or by
-    a failed count or uncovered pixels when the rank was not computed).
+    a failed count or uncovered pixels when the rank was not computed; with
+    a probe, behind a ReLU: some probe input is not determined by the
+    outputs the ReLU keeps).
 ``not_determined``
     The counts hold but the exact rank was declined (operator above the size
     limit): the counts are necessary conditions only.
@@ -57,7 +65,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import scipy.linalg
@@ -68,6 +77,9 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.errors import InvalidInputError, ShapeError
 from fl_audit.layers import FirstLayer, check_input_shape, find_first_layer
+
+if TYPE_CHECKING:
+    from fl_audit.attacks._chain import Segment
 
 __all__ = [
     "DEFAULT_EXACT_RANK_LIMIT",
@@ -139,7 +151,8 @@ class Verdict(BaseModel):
         the check was not evaluated.
     holds:
         Whether the condition holds; ``None`` when it could not be evaluated
-        (a missing batch size, an operator above the size limit).
+        (a missing batch size, an operator above the size limit) or does not
+        apply (``conv_exact_rank_relu`` without a zeroing activation).
     outcome:
         What the result means for the client's data.
     note:
@@ -218,6 +231,7 @@ def analyze(
     local_examples: int | None = None,
     *,
     exact_rank_limit: int = DEFAULT_EXACT_RANK_LIMIT,
+    probe: torch.Tensor | np.ndarray | None = None,
 ) -> CapacityReport:
     """Check a model's first layer against the capacity bounds.
 
@@ -236,7 +250,19 @@ def analyze(
         updates mix all of them); ``None`` for single-step gradients.
     exact_rank_limit:
         Compute the exact rank of a convolution only when the smaller side of
-        its operator, ``min(h d'^2, C d^2)``, is at most this.
+        its operator, ``min(h d'^2, C d^2)``, is at most this. The same
+        rule, on the operator of the layers up to the activation, applies to
+        the ``conv_exact_rank_relu`` verdict.
+    probe:
+        Representative inputs, shape ``(P, *input_shape)``, floating point,
+        scaled as the model receives them (e.g. a few real samples of the
+        modality, not necessarily a client's). For a convolution followed by
+        an activation that zeroes outputs (``nn.ReLU``, ``nn.ReLU6``,
+        ``nn.LeakyReLU(0)``), adds the ``conv_exact_rank_relu`` verdict: the
+        rank of the layer's operator restricted, for each probe input, to
+        the outputs the activation keeps; and the risk level follows it.
+        Ignored for a fully-connected first layer, whose bounds do not
+        depend on the input values.
 
     Returns
     -------
@@ -248,10 +274,12 @@ def analyze(
     Raises
     ------
     InvalidInputError
-        If ``model`` is not a module or a count is not a positive int; every
-        problem is listed.
+        If ``model`` is not a module, a count is not a positive int, or
+        ``probe`` is not a floating-point tensor (or array) of finite values;
+        every problem is listed.
     ShapeError
-        If ``input_shape`` is malformed or the model fails on it.
+        If ``input_shape`` is malformed or the model fails on it, or
+        ``probe`` is not of shape ``(P, *input_shape)``.
 
     Notes
     -----
@@ -263,9 +291,24 @@ def analyze(
     applications and one symmetric eigendecomposition of that size: a few
     seconds for a 3x32x32 input on two cores. It is declined above
     ``exact_rank_limit`` or ``2**28`` operator entries.
+
+    Behind a ReLU only the positive outputs of the layer are known, so
+    ``conv_exact_rank`` (all outputs) overstates what leaks: measured on real
+    images, it says "exact" for filter counts up to about twice those at which
+    the input is rebuilt (docs/theory.md, section 5). ``conv_exact_rank_relu``
+    is the exact test for the inputs given as ``probe``; for other inputs it
+    is a prediction, and inputs near the threshold split. It costs one rank
+    computation per probe input. It leaves out the kernel-gradient equations
+    that :class:`~fl_audit.attacks.ConvInversion` adds for a single sample:
+    they add rows, so they can only raise the rank, and an input the verdict
+    calls undetermined may still be rebuilt with them.
     """
-    _check_arguments(model, batch_size, local_examples, exact_rank_limit)
+    tensor = _check_arguments(
+        model, batch_size, local_examples, exact_rank_limit, probe
+    )
     shape = check_input_shape(input_shape)
+    if tensor is not None:
+        tensor = _check_probe_shape(tensor, shape)
     first = find_first_layer(model, shape)
     _check_fits(first, shape)
     logger.debug("bounds: first layer %r is %s", first.path, first.kind)
@@ -274,6 +317,13 @@ def analyze(
         info, verdicts = _fc_verdicts(first, batch_size, local_examples)
     elif first.kind in ("conv1d", "conv2d"):
         info, verdicts = _conv_verdicts(first, batch_size, exact_rank_limit)
+        if tensor is not None:
+            plain = next(v for v in verdicts if v.name == "conv_exact_rank")
+            verdicts.append(
+                _conv_exact_rank_relu(
+                    plain, model, first, shape, tensor, exact_rank_limit
+                )
+            )
     else:
         info, verdicts = _unsupported_verdict(first)
     risk, reason = _risk(info, verdicts, batch_size, local_examples)
@@ -300,7 +350,9 @@ def _check_arguments(
     batch_size: object,
     local_examples: object,
     exact_rank_limit: object,
-) -> None:
+    probe: object,
+) -> torch.Tensor | None:
+    """Check every argument, raise once; return the probe as a float64 tensor."""
     problems: list[str] = []
     if not isinstance(model, nn.Module):
         problems.append(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -325,8 +377,64 @@ def _check_arguments(
             f"(B={batch_size}); N counts the distinct examples of the whole round, "
             "B those of one step: were they swapped?"
         )
+    tensor = _probe_tensor(probe, problems)
     if problems:
         raise InvalidInputError("bounds.analyze arguments", problems)
+    return tensor
+
+
+def _probe_tensor(probe: object, problems: list[str]) -> torch.Tensor | None:
+    """``probe`` as a float64 CPU tensor, or ``None``; problems are appended."""
+    if probe is None:
+        return None
+    if isinstance(probe, np.ndarray):
+        if probe.dtype.kind not in "fiub":
+            problems.append(
+                f"probe must hold real numbers, got a NumPy array of dtype "
+                f"{probe.dtype}; pass the inputs as a float array"
+            )
+            return None
+        probe = torch.from_numpy(np.ascontiguousarray(probe))
+    if not isinstance(probe, torch.Tensor):
+        problems.append(
+            f"probe must be a torch.Tensor (or NumPy array) of inputs of shape "
+            f"(P, *input_shape), got {type(probe).__name__}; stack the inputs, "
+            "e.g. torch.stack(list_of_inputs)"
+        )
+        return None
+    if not probe.is_floating_point():
+        problems.append(
+            f"probe must be floating point and scaled as the model receives its "
+            f"inputs, got dtype {probe.dtype}; convert it as the clients "
+            "preprocess (e.g. probe.float() / 255 for 8-bit images)"
+        )
+        return None
+    tensor = probe.detach().to(device="cpu", dtype=torch.float64)
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        problems.append(
+            f"probe holds {bad} NaN or infinite value(s) (of {tensor.numel()}); "
+            "pass finite inputs"
+        )
+        return None
+    return tensor
+
+
+def _check_probe_shape(probe: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raise ShapeError unless ``probe`` is ``(P, *shape)`` with ``P >= 1``."""
+    got = tuple(probe.shape)
+    if got[1:] == shape and got[0] >= 1:
+        return probe
+    if got == shape:
+        fix = "add the batch dimension: probe.unsqueeze(0) for one input"
+    elif got[1:] == shape:
+        fix = "pass at least one input"
+    else:
+        fix = f"pass P inputs of the model's input shape {shape}, stacked"
+    raise ShapeError(
+        "probe",
+        [f"expected shape (P, {', '.join(map(str, shape))}), got {got}; {fix}"],
+    )
 
 
 def _check_fits(first: FirstLayer, shape: tuple[int, ...]) -> None:
@@ -644,20 +752,71 @@ def _conv_exact_rank(
     n: int,
     limit: int,
 ) -> Verdict:
-    formula = "rank(A) = C*d^2, A: (h*d'^2) x (C*d^2) the layer's linear map"
-    quantities = {**base, "equations": m, "unknowns": n}
+    lin = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    lin.bias = None
+    lin.requires_grad_(False)
 
-    def verdict(rank: int | None, outcome: str, note: str) -> Verdict:
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return lin(x).reshape(x.shape[0], -1)  # (N, m)
+
+    def outcome(ranks: list[int]) -> str:
+        rank = ranks[0]
+        if rank == n:
+            return "the layer output determines the input exactly"
+        return (
+            f"the layer output determines a {rank}-dimensional projection "
+            f"of the {n}-dimensional input"
+        )
+
+    return _exact_rank_verdict(
+        name="conv_exact_rank",
+        formula="rank(A) = C*d^2, A: (h*d'^2) x (C*d^2) the layer's linear map",
+        quantities={**base, "equations": m, "unknowns": n},
+        label=type(module).__name__,
+        m=m,
+        n=n,
+        limit=limit,
+        ranks=lambda: [_operator_rank(apply, in_shape, m, n)],
+        outcome=outcome,
+        note=f"numerical rank: singular values above {RANK_RTOL:g} * sigma_max",
+    )
+
+
+def _exact_rank_verdict(
+    *,
+    name: str,
+    formula: str,
+    quantities: dict[str, Quantity],
+    label: str,
+    m: int,
+    n: int,
+    limit: int,
+    ranks: Callable[[], list[int]],
+    outcome: Callable[[list[int]], str],
+    note: str,
+    extra: Callable[[list[int]], dict[str, Quantity]] | None = None,
+) -> Verdict:
+    """The exact-rank check of an ``m x n`` operator, one rank per input tried.
+
+    ``ranks`` computes the ranks (one for the plain operator, one per probe
+    input for a restricted one); the verdict holds when every rank is ``n``.
+    It is declined above the size limit and reported, not raised, when the
+    computation fails.
+    """
+
+    def verdict(
+        rank: int | None, text: str, why: str, more: dict[str, Quantity]
+    ) -> Verdict:
         return Verdict(
-            name="conv_exact_rank",
+            name=name,
             source="exact rank",
             formula=formula,
-            quantities=quantities,
+            quantities={**quantities, **more},
             required=n,
             actual=rank,
             holds=None if rank is None else rank == n,
-            outcome=outcome,
-            note=note,
+            outcome=text,
+            note=why,
         )
 
     if min(m, n) > limit or m * n > _MAX_OPERATOR_ENTRIES:
@@ -668,64 +827,63 @@ def _conv_exact_rank(
             f"up to min(m, n) = {limit} (exact_rank_limit) and "
             f"{_MAX_OPERATOR_ENTRIES} entries. The counts are necessary "
             "conditions only",
+            {},
         )
     try:
-        rank = _operator_rank(module, in_shape, m, n)
+        found = ranks()
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
-        logger.warning(
-            "bounds: exact rank of %s failed: %s", type(module).__name__, exc
+        logger.warning("bounds: %s of %s failed: %s", name, label, exc)
+        return verdict(
+            None, "not evaluated", f"failed: {type(exc).__name__}: {exc}", {}
         )
-        return verdict(None, "not evaluated", f"failed: {type(exc).__name__}: {exc}")
-    outcome = (
-        "the layer output determines the input exactly"
-        if rank == n
-        else f"the layer output determines a {rank}-dimensional projection "
-        f"of the {n}-dimensional input"
-    )
-    return verdict(
-        rank,
-        outcome,
-        f"numerical rank: singular values above {RANK_RTOL:g} * sigma_max",
-    )
+    more = extra(found) if extra is not None else {}
+    return verdict(min(found), outcome(found), note, more)
 
 
 def _operator_rank(
-    module: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...], m: int, n: int
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    in_shape: tuple[int, ...],
+    m: int,
+    n: int,
+    rows: np.ndarray | None = None,
 ) -> int:
-    """Numerical rank of the layer's linear map ``A`` (``m x n``), in float64.
+    """Numerical rank of a linear map ``A`` (``m x n``) or of its ``rows``, in float64.
 
-    The Gram matrix of the smaller side (``A^T A`` or ``A A^T``) is built by
-    applying the module, without its bias, to basis vectors; ``A^T`` is its
-    adjoint, obtained by autograd.
+    ``apply`` maps a batch ``(N, *in_shape)`` to ``(N, m)`` linearly (the
+    layer without its bias). With ``rows`` (indices of the outputs kept) the
+    rank is that of ``A[rows]``. The Gram matrix of the smaller side
+    (``A^T A`` or ``A A^T``, restricted) is built by applying the map to basis
+    vectors; ``A^T`` is its adjoint, obtained by autograd.
     """
-    lin = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
-    lin.bias = None
-    lin.requires_grad_(False)
-    side = min(m, n)
+    kept = torch.arange(m) if rows is None else torch.as_tensor(rows)
+    r = int(kept.numel())
+    side = min(r, n)
+    if side == 0:
+        return 0
     chunk = max(1, min(side, _CHUNK_ENTRIES // max(m, n)))
     gram = np.empty((side, side), dtype=np.float64)
 
     with torch.enable_grad():
-        probe_out = lin(torch.zeros((1, *in_shape), dtype=torch.float64))
-        out_shape = tuple(probe_out.shape[1:])
         for start in range(0, side, chunk):
             stop = min(side, start + chunk)
             basis = torch.zeros((stop - start, side), dtype=torch.float64)
             basis[:, start:stop] = torch.eye(stop - start, dtype=torch.float64)
-            if n <= m:
-                # A^T A e_j: apply A, then its adjoint.
+            if n <= r:
+                # A_r^T A_r e_j: apply A, keep the rows, then the adjoint.
                 x = basis.reshape(-1, *in_shape).requires_grad_(True)
-                y = lin(x)  # (c, h, *d')
-                (col,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
+                y = apply(x)  # (c, m)
+                mask = torch.zeros_like(y)
+                mask[:, kept] = y.detach()[:, kept]
+                (col,) = torch.autograd.grad(y, x, grad_outputs=mask)
             else:
-                # A A^T e_j: adjoint first (gradient of <A x, e_j>), then A.
+                # A_r A_r^T e_i: adjoint of a kept row (gradient of <A x, e_i>).
                 x = torch.zeros(
                     (stop - start, *in_shape), dtype=torch.float64, requires_grad=True
                 )
-                (adj,) = torch.autograd.grad(
-                    lin(x), x, grad_outputs=basis.reshape(-1, *out_shape)
-                )
-                col = lin(adj)  # (c, h, *d')
+                seed = torch.zeros((stop - start, m), dtype=torch.float64)
+                seed[:, kept] = basis
+                (adj,) = torch.autograd.grad(apply(x), x, grad_outputs=seed)
+                col = apply(adj)[:, kept]  # (c, r)
             gram[start:stop] = col.detach().reshape(stop - start, side).numpy()
 
     # Singular values of A are the square roots of the Gram's eigenvalues.
@@ -735,6 +893,211 @@ def _operator_rank(
     if top <= 0.0:
         return 0
     return int((eig > top * RANK_RTOL**2).sum())
+
+
+# --------------------------------------------------------------------------
+# Convolutional first layer behind an activation
+
+
+_ZEROING = ("relu", "relu6")
+"""Activation kinds (of :mod:`fl_audit.attacks._chain`) that zero outputs."""
+
+_SUPPORT_EPS = 1e3
+"""An output counts as positive above ``_SUPPORT_EPS * eps`` of the largest.
+
+``eps`` is that of the model's dtype: the threshold ConvInversion applies to
+the activations it recovers from a gradient of that precision.
+"""
+
+
+class _ProbeRank:
+    """Rank of the restricted operator for one probe input."""
+
+    def __init__(self, rank: int, kept: int, uncovered: int) -> None:
+        self.rank, self.kept, self.uncovered = rank, kept, uncovered
+
+
+def _conv_exact_rank_relu(
+    plain: Verdict,
+    model: nn.Module,
+    first: FirstLayer,
+    shape: tuple[int, ...],
+    probe: torch.Tensor,
+    limit: int,
+) -> Verdict:
+    """The exact rank of the first segment on the outputs its activation keeps.
+
+    The segment is the convolution and the linear steps after it (average
+    pooling, eval-mode BatchNorm, reshapes) up to the first element-wise
+    activation, as :func:`fl_audit.attacks._chain.trace_first_segment` finds
+    them.
+    """
+    # Imported here: fl_audit.attacks imports this module.
+    from fl_audit.attacks._chain import ChainStop, trace_first_segment
+
+    n = int(plain.quantities["unknowns"])  # type: ignore[arg-type]
+    base = {
+        k: v for k, v in plain.quantities.items() if k not in ("equations", "unknowns")
+    }
+    formula = (
+        "rank(A_+) = C*d^2 for every probe input, A_+: the rows of the layer's "
+        "map (up to its activation) whose activation output is known"
+    )
+    quantities: dict[str, Quantity] = {
+        **base,
+        "unknowns": n,
+        "probes": int(probe.shape[0]),
+        "kernel_equations": False,
+    }
+
+    def not_applicable(why: str) -> Verdict:
+        return Verdict(
+            name="conv_exact_rank_relu",
+            source="exact rank",
+            formula=formula,
+            quantities=quantities,
+            required=n,
+            actual=None,
+            holds=None,
+            outcome="not applicable",
+            note=why,
+        )
+
+    label = f"{first.path or '<model>'} ({type(first.module).__name__})"
+    try:
+        found = trace_first_segment(model, shape, first.path)
+    except ChainStop as exc:
+        return not_applicable(
+            f"the output of {label} is not a linear map of the input up to an "
+            f"activation: {exc}"
+        )
+    act = found.activation
+    if act is None:
+        return not_applicable(
+            f"{found.reason}: the whole output is known to whoever obtains it, "
+            "so conv_exact_rank is the exact test"
+        )
+    if act.kind not in _ZEROING:
+        return not_applicable(
+            f"{act.label} zeroes no output (it is invertible off saturation): "
+            "the whole output is known to whoever obtains it, so "
+            "conv_exact_rank is the exact test"
+        )
+
+    seg = found.segment
+    m = math.prod(seg.out_shape)
+    quantities.update({"equations": m, "layers": seg.label, "activation": act.label})
+    with torch.no_grad():
+        bias = seg.apply(torch.zeros((1, *seg.in_shape), dtype=torch.float64))
+        pre = seg.apply(probe.reshape(-1, *seg.in_shape))  # (P, m)
+    dtype = cast(nn.Conv1d | nn.Conv2d, first.module).weight.dtype
+    eps = _SUPPORT_EPS * float(torch.finfo(dtype).eps)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return seg.apply(x) - bias  # (N, m), linear
+
+    def measure() -> list[_ProbeRank]:
+        out = []
+        for row in pre:
+            post = act.module(row)
+            thr = eps * max(float(post.abs().max()), 1e-300)
+            keep = post > thr
+            if act.kind == "relu6":
+                keep &= post < 6.0 - thr
+            rows = np.flatnonzero(keep.numpy())
+            rank = _operator_rank(apply, seg.in_shape, m, n, rows)
+            out.append(_ProbeRank(rank, int(rows.size), _uncovered(apply, seg, rows)))
+        return out
+
+    results: list[_ProbeRank] = []
+
+    def ranks() -> list[int]:
+        results.extend(measure())
+        return [r.rank for r in results]
+
+    def outcome(found_ranks: list[int]) -> str:
+        full = sum(r == n for r in found_ranks)
+        total = len(found_ranks)
+        if full == total:
+            return (
+                f"every one of the {total} probe input(s) is determined by the "
+                f"outputs {act.label} keeps"
+            )
+        return (
+            f"{full} of {total} probe input(s) are determined by the outputs "
+            f"{act.label} keeps; the others only up to a projection (smallest "
+            f"rank {min(found_ranks)} of {n})"
+        )
+
+    def extra(found_ranks: list[int]) -> dict[str, Quantity]:
+        full = sum(r == n for r in found_ranks)
+        return {
+            "probe_ranks": found_ranks,
+            "probe_kept": [r.kept for r in results],
+            "probe_uncovered": [r.uncovered for r in results],
+            "full_rank_probes": full,
+            "full_rank_fraction": full / len(found_ranks),
+        }
+
+    return _exact_rank_verdict(
+        name="conv_exact_rank_relu",
+        formula=formula,
+        quantities=quantities,
+        label=seg.label,
+        m=m,
+        n=n,
+        limit=limit,
+        ranks=ranks,
+        outcome=outcome,
+        note=(
+            f"holds when every probe input gives full column rank {n} (an input "
+            "value no kept output reads counts as lost, see probe_uncovered); "
+            f"outputs count as kept above {eps:.0e} of the largest; numerical "
+            f"rank: singular values above {RANK_RTOL:g} * sigma_max. Kernel-"
+            "gradient equations are not included (they can only raise the "
+            "rank). Whether an attacker obtains the activation output is a "
+            f"question for the layers above: {_chain_status(model, shape, first.path)}"
+        ),
+        extra=extra,
+    )
+
+
+def _uncovered(
+    apply: Callable[[torch.Tensor], torch.Tensor], seg: Segment, rows: np.ndarray
+) -> int:
+    """Input values that no kept output depends on (zero columns of ``A[rows]``).
+
+    ``A[rows]^T w`` for random positive weights ``w`` on the kept rows is
+    exactly zero on those columns and, almost surely, nowhere else.
+    """
+    in_shape = seg.in_shape
+    n = math.prod(in_shape)
+    if rows.size == 0:
+        return n
+    gen = torch.Generator().manual_seed(3)
+    with torch.enable_grad():
+        x = torch.zeros((1, *in_shape), dtype=torch.float64, requires_grad=True)
+        y = apply(x)  # (1, m)
+        w = torch.zeros_like(y)
+        w[0, torch.as_tensor(rows)] = (
+            torch.rand(rows.size, generator=gen, dtype=torch.float64) + 0.5
+        )
+        (col,) = torch.autograd.grad(y, x, grad_outputs=w)
+    return int((col == 0).sum())
+
+
+def _chain_status(model: nn.Module, shape: tuple[int, ...], path: str) -> str:
+    """Whether the chain above the convolution reaches an FC layer."""
+    from fl_audit.attacks._chain import ChainStop, trace_chain
+
+    try:
+        chain = trace_chain(model, shape, path)
+    except ChainStop as exc:
+        return f"the chain to an FC layer stops ({exc}); conv_inversion does not apply"
+    return (
+        f"the chain reaches FC layer {chain.fc_name}, whose gradient gives the "
+        "activation output away (conv_inversion)"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -817,6 +1180,13 @@ def _fc_risk(
 
 
 def _conv_risk(by_name: dict[str, Verdict]) -> tuple[RiskLevel, str]:
+    relu = by_name.get("conv_exact_rank_relu")
+    if relu is not None and relu.holds is True:
+        return "exposed", f"full column rank {relu.actual} behind the activation: " + (
+            relu.outcome
+        )
+    if relu is not None and relu.holds is False:
+        return "partially_exposed", relu.outcome
     rank = by_name["conv_exact_rank"]
     if rank.holds is True:
         return "exposed", f"full column rank {rank.actual}: {rank.outcome}"

@@ -13,7 +13,7 @@ shape, a model that fails on the shape); the reason is one line on stderr.
 Usage::
 
     fl-audit bounds --model mypkg.models:make_cnn --input-shape 1,28,28 \\
-        --batch-size 32 [--local-examples 500] [--json]
+        --batch-size 32 [--local-examples 500] [--probe-data fashion_mnist] [--json]
     fl-audit replay CAPTURE_DIR --model mypkg.models:make_cnn \\
         [--config audit.yaml] [--output DIR]
     fl-audit report RUN_DIR [--policy policy.yaml] [--out report.html] [--json]
@@ -32,10 +32,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+import torch
 from torch import nn
 
 from fl_audit import __version__
 from fl_audit.bounds import DEFAULT_EXACT_RANK_LIMIT, CapacityReport, analyze
+from fl_audit.data import load_samples, sample_kinds
 from fl_audit.errors import FLAuditError, InvalidInputError
 
 EXIT_OK = 0
@@ -140,21 +142,76 @@ def _add_bounds(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         help="compute a convolution's exact rank only up to this many unknowns "
         "(default %(default)s)",
     )
+    p.add_argument(
+        "--probe-data",
+        choices=sample_kinds(),
+        metavar="KIND",
+        help="real samples of this kind (fl_audit.data.load_samples: "
+        f"{', '.join(sample_kinds())}) as representative inputs: for a "
+        "convolution behind a ReLU, adds the exact rank on the outputs the "
+        "ReLU keeps (conv_exact_rank_relu)",
+    )
+    p.add_argument(
+        "--probe-count",
+        type=_positive_int,
+        default=8,
+        metavar="P",
+        help="how many probe samples to load (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="S",
+        help="seed of the probe draw (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_run_bounds)
 
 
 def _run_bounds(args: argparse.Namespace) -> int:
     model = load_model(args.model)
+    probe = (
+        None
+        if args.probe_data is None
+        else _load_probe(args.probe_data, args.probe_count, args.probe_seed, args)
+    )
     report = analyze(
         model,
         args.input_shape,
         batch_size=args.batch_size,
         local_examples=args.local_examples,
         exact_rank_limit=args.exact_rank_limit,
+        probe=probe,
     )
     print(report.to_json() if args.json else format_report(report))
     return EXIT_OK
+
+
+def _load_probe(
+    kind: str, count: int, seed: int, args: argparse.Namespace
+) -> torch.Tensor:
+    """``count`` samples of ``kind`` at the spatial size of ``--input-shape``."""
+    shape = args.input_shape
+    size: int | tuple[int, int] | None
+    if len(shape) == 3:
+        size = (shape[1], shape[2])
+    elif len(shape) == 2:
+        size = shape[1]
+    else:
+        raise CommandError(
+            f"--probe-data: --input-shape {','.join(map(str, shape))} is not "
+            "(C, H, W) or (C, L); the probe samples are images or signals"
+        )
+    try:
+        samples = load_samples(kind, count, size=size, seed=seed, at_most=True)
+    except (ImportError, OSError) as exc:
+        raise CommandError(
+            f"--probe-data {kind}: the data could not be loaded ({exc}); "
+            "install the data extra (pip install fl-audit[data]) or pick another "
+            "kind"
+        ) from exc
+    return samples.inputs
 
 
 def format_report(report: CapacityReport) -> str:
@@ -332,6 +389,16 @@ def _shape(text: str) -> tuple[int, ...]:
             "commas, without the batch dimension, e.g. 1,28,28"
         )
     return shape
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

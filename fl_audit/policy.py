@@ -509,7 +509,8 @@ def governing_bound(cap: CapacityReport) -> BoundVerdict | None:
     For a fully-connected first layer, ``h >= N`` for a multi-step update
     (``fc_fedavg``), else ``h >= B`` when the batch size is known and above
     one (``fc_batch``), else the single-input theorem; for a convolution,
-    its exact rank when computed, else the seed v1 count.
+    its exact rank behind the activation when computed (``analyze`` with a
+    probe), else its exact rank when computed, else the seed v1 count.
     """
     by_name = {v.name: v for v in cap.verdicts}
     if cap.first_layer.kind == "linear":
@@ -518,9 +519,11 @@ def governing_bound(cap: CapacityReport) -> BoundVerdict | None:
             if v is not None and v.required is not None and v.required > 1:
                 return v
         return by_name.get("fc_single_input")
+    for name in ("conv_exact_rank_relu", "conv_exact_rank"):
+        rank = by_name.get(name)
+        if rank is not None and rank.holds is not None:
+            return rank
     rank = by_name.get("conv_exact_rank")
-    if rank is not None and rank.holds is not None:
-        return rank
     return by_name.get("conv_seed_v1") or rank
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from fl_audit.attacks import AttackTarget, ConvInversion
 from fl_audit.bounds import RANK_RTOL, CapacityReport, analyze
+from fl_audit.data import load_samples
 from fl_audit.errors import InvalidInputError, ShapeError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -416,6 +419,196 @@ def test_transformed_input_is_unsupported() -> None:
 
     assert report.risk == "unsupported"
     assert "transformed" in report.risk_reason
+
+
+# --------------------------------------------------------------------------
+# Behind a ReLU: the exact rank on the outputs the activation keeps
+
+
+def _relu_cnn(h: int, seed: int) -> nn.Module:
+    """The bench's C=1 28x28 k5 s2 p2 model: conv -> ReLU -> flatten -> FC."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(1, h, 5, stride=2, padding=2)
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(h * 196, 10)).double()
+
+
+def _restricted_dense_rank(model: nn.Module, x: torch.Tensor) -> int:
+    """Reference: SVD of the dense Jacobian of conv(+pool) on its positive outputs."""
+    segment = model[:-3]  # everything below the ReLU
+    jac = torch.func.jacrev(lambda v: segment(v).reshape(-1))(x)
+    jac = jac.reshape(-1, x.numel())  # (m, n)
+    rows = segment(x).reshape(-1) > 0
+    sv = np.linalg.svd(jac[rows].detach().numpy(), compute_uv=False)
+    return int((sv > RANK_RTOL * sv[0]).sum()) if sv.size else 0
+
+
+def _inverted(model: nn.Module, x: torch.Tensor) -> tuple[bool, float]:
+    """ConvInversion (no kernel equations) on the gradient of one sample."""
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([3]))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    named = {n: g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+    target = AttackTarget.from_gradients(model, named, tuple(x.shape[1:]))
+    result = ConvInversion(weight_equations=False).run(target)
+    error = float((result.inputs - x).abs().max())
+    return bool(result.certified[0]), error
+
+
+@pytest.mark.parametrize(("h", "holds"), [(8, False), (10, True)])
+def test_relu_rank_holds_from_the_measured_threshold_on_real_images(
+    h: int, holds: bool
+) -> None:
+    # Arrange: the bench measured exact inversions from h = 10 for this
+    # configuration, while the rank of the whole operator holds from h = 8.
+    model = _relu_cnn(h, seed=h)
+    probe = load_samples("fashion_mnist", 3, seed=5).inputs.double()
+
+    # Act
+    plain = analyze(model, (1, 28, 28))
+    report = analyze(model, (1, 28, 28), probe=probe)
+    certified, error = _inverted(model, probe[:1])
+
+    # Assert: the old verdict holds at both h; the new one follows the attack.
+    assert plain.verdict("conv_exact_rank").holds is True
+    assert plain.risk == "exposed"
+    verdict = report.verdict("conv_exact_rank_relu")
+    assert verdict.holds is holds
+    assert verdict.quantities["probes"] == 3
+    assert verdict.quantities["full_rank_probes"] == (3 if holds else 0)
+    assert (verdict.actual == 784) is holds
+    assert report.risk == ("exposed" if holds else "partially_exposed")
+    assert certified is holds
+    assert (error < 1e-8) is holds
+    # Without a probe nothing changes: same verdicts, same names.
+    assert [v.name for v in report.verdicts] == [
+        *(v.name for v in plain.verdicts),
+        "conv_exact_rank_relu",
+    ]
+    assert report.verdicts[:-1] == plain.verdicts
+
+
+def test_relu_rank_matches_dense_reference_through_pooling() -> None:
+    # Arrange: conv -> AvgPool -> ReLU; 2 filters keep fewer rows than
+    # unknowns (the wide Gram), 6 filters more (the tall one).
+    x = load_samples("cells", 2, size=12, seed=1).inputs.double()
+    ranks, kept = {}, {}
+    for h in (2, 6):
+        torch.manual_seed(h)
+        model = nn.Sequential(
+            nn.Conv2d(1, h, 3, padding=1),
+            nn.AvgPool2d(2, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(h * 121, 4),
+        ).double()
+
+        # Act
+        verdict = analyze(model, (1, 12, 12), probe=x).verdict("conv_exact_rank_relu")
+
+        # Assert: one rank per probe input, as the dense SVD gives it.
+        want = [_restricted_dense_rank(model, x[i : i + 1]) for i in range(2)]
+        assert verdict.quantities["probe_ranks"] == want
+        assert "AvgPool2d" in str(verdict.quantities["layers"])
+        ranks[h], kept[h] = want, verdict.quantities["probe_kept"]
+    assert max(kept[2]) < 144 < min(kept[6])  # type: ignore[type-var]
+    assert max(ranks[2]) < 144 and min(ranks[6]) > max(ranks[2])
+
+
+@pytest.mark.parametrize(
+    ("after", "match"),
+    [
+        (nn.LeakyReLU(0.1), "LeakyReLU\\) zeroes no output"),
+        (nn.Tanh(), "Tanh\\) zeroes no output"),
+        (nn.Identity(), "reaches 3 \\(Linear\\) with no activation"),
+        (nn.MaxPool2d(2), "max pooling"),
+    ],
+)
+def test_relu_rank_not_applicable_without_a_zeroing_activation(
+    after: nn.Module, match: str
+) -> None:
+    # Arrange
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3)
+    features = conv(torch.zeros(1, 1, 10, 10)).numel()
+    if isinstance(after, nn.MaxPool2d):
+        features //= 4
+    model = nn.Sequential(conv, after, nn.Flatten(), nn.Linear(features, 3))
+    probe = load_samples("cells", 2, size=10, seed=0).inputs
+
+    # Act
+    plain = analyze(model, (1, 10, 10))
+    report = analyze(model, (1, 10, 10), probe=probe)
+
+    # Assert: no verdict either way, the risk of the plain rank stands.
+    verdict = report.verdict("conv_exact_rank_relu")
+    assert (verdict.holds, verdict.actual, verdict.outcome) == (
+        None,
+        None,
+        "not applicable",
+    )
+    assert re.search(match, verdict.note)
+    assert report.risk == plain.risk
+
+
+def test_relu_rank_counts_leaky_relu_with_zero_slope_and_respects_the_limit() -> None:
+    # Arrange
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.LeakyReLU(0.0), nn.Flatten(), nn.Linear(6 * 64, 3)
+    )
+    probe = load_samples("cells", 2, size=10, seed=0).inputs
+
+    # Act
+    report = analyze(model, (1, 10, 10), probe=probe)
+    declined = analyze(model, (1, 10, 10), probe=probe, exact_rank_limit=50)
+
+    # Assert
+    verdict = report.verdict("conv_exact_rank_relu")
+    assert verdict.holds is not None and verdict.quantities["activation"] == (
+        "1 (LeakyReLU)"
+    )
+    assert len(verdict.quantities["probe_kept"]) == 2  # type: ignore[arg-type]
+    assert CapacityReport.model_validate_json(report.to_json()) == report
+    late = declined.verdict("conv_exact_rank_relu")
+    assert late.holds is None and "exact_rank_limit" in late.note
+
+
+def test_probe_is_ignored_for_a_fully_connected_first_layer() -> None:
+    probe = load_samples("fashion_mnist", 2, seed=0).inputs
+
+    report = analyze(_mlp(8), (1, 28, 28), probe=probe)
+
+    assert report == analyze(_mlp(8), (1, 28, 28))
+
+
+@pytest.mark.parametrize(
+    ("probe", "error", "match"),
+    [
+        ([[0.0] * 100], InvalidInputError, "probe must be a torch.Tensor.*got list"),
+        ("images", InvalidInputError, "got str; stack the inputs"),
+        (
+            torch.zeros(2, 1, 10, 10, dtype=torch.uint8),
+            InvalidInputError,
+            "floating point.*torch.uint8.*/ 255",
+        ),
+        (
+            torch.full((2, 1, 10, 10), float("nan")),
+            InvalidInputError,
+            "200 NaN or infinite value",
+        ),
+        (torch.zeros(1, 10, 10), ShapeError, r"got \(1, 10, 10\).*unsqueeze\(0\)"),
+        (torch.zeros(2, 3, 10, 10), ShapeError, r"\(P, 1, 10, 10\), got \(2, 3"),
+        (torch.zeros(0, 1, 10, 10), ShapeError, "at least one input"),
+    ],
+)
+def test_bad_probe_raises_a_typed_error_with_the_fix(
+    probe: object, error: type[Exception], match: str
+) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
+
+    with pytest.raises(error, match=match) as info:
+        analyze(model, (1, 10, 10), probe=probe)  # type: ignore[arg-type]
+
+    assert "probe" in str(info.value)
 
 
 # --------------------------------------------------------------------------

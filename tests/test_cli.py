@@ -97,6 +97,53 @@ def test_bounds_json_for_a_cnn(
     assert by_name["conv_exact_rank"]["actual"] == 784
 
 
+def test_bounds_probe_data_adds_the_relu_rank(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Act: 8 filters of stride 2 behind a ReLU, probed with real images.
+    code = main(
+        _bounds(
+            "--input-shape",
+            "1,28,28",
+            "--probe-data",
+            "fashion_mnist",
+            "--probe-count",
+            "2",
+            "--json",
+            model="cli_models:cnn",
+        )
+    )
+
+    # Assert
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    relu = {v["name"]: v for v in data["verdicts"]}["conv_exact_rank_relu"]
+    assert relu["quantities"]["probes"] == 2
+    assert len(relu["quantities"]["probe_ranks"]) == 2
+    assert relu["holds"] is (relu["actual"] == 784)
+
+
+def test_bounds_probe_data_of_the_wrong_shape_is_one_line(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        _bounds(
+            "--input-shape",
+            "1,28,28",
+            "--probe-data",
+            "photos",
+            "--probe-count",
+            "1",
+            model="cli_models:cnn",
+        )
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "probe" in err and "(P, 1, 28, 28), got (1, 3, 28, 28)" in err
+
+
 def test_bounds_local_examples_and_file_path(
     models: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

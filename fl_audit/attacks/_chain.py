@@ -7,6 +7,10 @@ one returned (a reshape is allowed); otherwise an operation the hooks cannot
 see sits between them (a residual addition, a functional ``F.relu``) and the
 chain stops there, with the reason.
 
+:func:`trace_first_segment` runs the same pass but stops at the first
+activation above the convolution (the capacity bounds use it for the rank
+behind a ReLU); it needs no FC layer above.
+
 The chain is cut at its element-wise nonlinearities into *segments* of
 linear (affine) modules. :func:`segment_operator` turns a segment into a
 sparse matrix by probing it with groups of basis vectors whose outputs do not
@@ -125,16 +129,20 @@ class ChainStop(Exception):
     """The chain cannot be inverted; ``str(exc)`` names the layer and why."""
 
 
-def trace_chain(
-    model: nn.Module, input_shape: tuple[int, ...], first_path: str
-) -> Chain:
-    """Trace the modules from the convolution ``first_path`` to the first FC layer.
+@dataclass
+class _Trace:
+    """One forward pass of a float64 eval-mode copy, every leaf call recorded."""
 
-    Raises
-    ------
-    ChainStop
-        With the layer that stops the chain and the reason.
-    """
+    work: nn.Module
+    names: dict[nn.Module, str]
+    original: dict[str, nn.Module]
+    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    probe: torch.Tensor
+    start: int  # index of the first convolution's call
+
+
+def _record(model: nn.Module, input_shape: tuple[int, ...], first_path: str) -> _Trace:
     work = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     names = {m: n for n, m in work.named_modules()}
     original = dict(model.named_modules())
@@ -165,22 +173,42 @@ def trace_chain(
     )
     if start is None:
         raise ChainStop(f"the first convolution {first_path!r} was not called")
+    return _Trace(work, names, original, calls, logits, probe, start)
 
+
+def _step(trace: _Trace, i: int) -> Step:
+    """The ``i``-th call as a chain step, once its input is checked."""
+    module, received, out = trace.calls[i]
+    name = trace.names[module]
+    if i > trace.start:
+        _check_link(trace.calls, i, trace.names, trace.probe)
+    kind = _classify(name, module, trace.original.get(name))
+    return Step(name, module, kind, tuple(received.shape[1:]), tuple(out.shape[1:]))
+
+
+def trace_chain(
+    model: nn.Module, input_shape: tuple[int, ...], first_path: str
+) -> Chain:
+    """Trace the modules from the convolution ``first_path`` to the first FC layer.
+
+    Raises
+    ------
+    ChainStop
+        With the layer that stops the chain and the reason.
+    """
+    trace = _record(model, input_shape, first_path)
+    calls, names = trace.calls, trace.names
     steps: list[Step] = []
     fc: tuple[str, nn.Linear] | None = None
     fc_index = -1
-    for i in range(start, len(calls)):
-        module, received, out = calls[i]
-        name = names[module]
-        if i > start:
-            _check_link(calls, i, names, probe)
+    for i in range(trace.start, len(calls)):
+        module = calls[i][0]
         if isinstance(module, nn.Linear):
-            fc, fc_index = (name, module), i
+            if i > trace.start:
+                _check_link(calls, i, names, trace.probe)
+            fc, fc_index = (names[module], module), i
             break
-        kind = _classify(name, module, original.get(name))
-        steps.append(
-            Step(name, module, kind, tuple(received.shape[1:]), tuple(out.shape[1:]))
-        )
+        steps.append(_step(trace, i))
     if fc is None:
         last = steps[-1].label if steps else first_path
         raise ChainStop(
@@ -198,19 +226,75 @@ def trace_chain(
         next(m.parameters(recurse=False), None) is not None
         for m, _, _ in calls[fc_index + 1 :]
     )
-    fc_is_last = not later_params and calls[fc_index][2].shape == logits.shape
+    fc_is_last = not later_params and calls[fc_index][2].shape == trace.logits.shape
 
     segments, activations = _segments(steps)
     _check_pool_bottlenecks(segments, activations)
     notes = [
         f"{name} is in train mode in the given model; it is inverted as in eval "
         "mode (a client's random dropout mask would make the chain inconsistent)"
-        for name, m in original.items()
+        for name, m in trace.original.items()
         if isinstance(m, nn.Dropout | nn.Dropout1d | nn.Dropout2d)
         and m.training
         and any(s.name == name for s in steps)
     ]
-    return Chain(work, segments, activations, fc_name, fc_module, fc_is_last, notes)
+    return Chain(
+        trace.work, segments, activations, fc_name, fc_module, fc_is_last, notes
+    )
+
+
+@dataclass
+class FirstSegment:
+    """The first convolution and the linear steps after it, up to an activation.
+
+    ``activation`` is the first element-wise nonlinearity applied to the
+    segment's output, or ``None`` when the segment's output reaches an
+    ``nn.Linear`` (or the model's output) without one; ``reason`` then says
+    which.
+    """
+
+    segment: Segment
+    activation: Step | None
+    reason: str = ""
+
+
+def trace_first_segment(
+    model: nn.Module, input_shape: tuple[int, ...], first_path: str
+) -> FirstSegment:
+    """Trace from the convolution ``first_path`` to the first activation above it.
+
+    Unlike :func:`trace_chain` this needs nothing above that activation (no FC
+    layer), so it describes what the first layer's output goes through even
+    when the whole chain cannot be inverted.
+
+    Raises
+    ------
+    ChainStop
+        When a module between the convolution and the activation is not a
+        linear map the chain knows (max pooling, per-sample normalisation, a
+        residual addition, ...); the message names it.
+    """
+    trace = _record(model, input_shape, first_path)
+    steps: list[Step] = []
+    for i in range(trace.start, len(trace.calls)):
+        module = trace.calls[i][0]
+        if isinstance(module, nn.Linear):
+            label = f"{trace.names[module]} (Linear)"
+            reason = f"the convolution's output reaches {label} with no activation"
+            return FirstSegment(_segment_of(steps), None, reason)
+        step = _step(trace, i)
+        if step.kind in ELEMENTWISE:
+            return FirstSegment(_segment_of(steps), step)
+        steps.append(step)
+    return FirstSegment(
+        _segment_of(steps),
+        None,
+        "the convolution's output reaches the model's output with no activation",
+    )
+
+
+def _segment_of(steps: list[Step]) -> Segment:
+    return Segment(steps, steps[0].in_shape, steps[-1].out_shape)
 
 
 def _check_link(
