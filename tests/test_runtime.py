@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import numpy as np
@@ -119,14 +121,25 @@ def test_process_backend_returns_before_the_audit_and_reports_later(tmp_path):
         for i in range(2)
     ]
 
+    threads: list[str] = []
+    reading = audit._audit
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return reading(*args, **kwargs)
+
+    audit._audit = recorded
+
     # Act
     start = time.perf_counter()
     aggregate, _ = audit.aggregate_train(1, replies)
     returned = time.perf_counter() - start
     finished = audit.wait(60.0)
 
-    # Assert: the round did not wait for the 3 s attack; the report came after
+    # Assert: the round did not wait for the 3 s attack, nor read the replies
+    # for the audit on its own thread; the report came after
     assert aggregate is not None and returned < 2.0
+    assert threads and all(name.startswith("fl-audit-round") for name in threads)
     assert finished and (tmp_path / "round-0001.json").exists()
     for client in audit.reports[1].clients:
         fc, sleepy = client.attacks
@@ -182,6 +195,21 @@ def test_a_worker_is_reused_until_a_job_kills_it():
         assert worker.pid != first  # the hung process was replaced
     finally:
         worker.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux SCHED_IDLE")
+def test_background_workers_yield_the_cpu_to_training():
+    background, inline = IsolatedWorker(low_priority=True), IsolatedWorker()
+    try:
+        for worker in (background, inline):
+            assert worker.run(AttackJob(NaNs(), _target())).result is not None
+        # The process backend's workers run only on otherwise idle cores; the
+        # inline backend's worker is waited for, so it keeps normal priority.
+        assert os.sched_getscheduler(background.pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(inline.pid) == os.SCHED_OTHER
+    finally:
+        background.close()
+        inline.close()
 
 
 def test_process_backend_audits_whole_clients_in_workers(tmp_path):
