@@ -454,13 +454,29 @@ def _ray_task(job: Job) -> JobOutcome:
     return run_in_process(job)
 
 
+def _ray_chunk(jobs: list[Job]) -> list[JobOutcome]:
+    """Several uncapped jobs in one Ray task, one after another."""
+    return [_ray_task(job) for job in jobs]
+
+
 class RayRunner(JobRunner):
-    """Jobs as Ray tasks, at most ``workers`` in flight."""
+    """Jobs as Ray tasks, at most ``workers`` in flight.
+
+    Jobs without a time or memory cap travel up to ``chunk`` to a task:
+    every task costs Ray's scheduler (lease, raylet, messages) CPU beside
+    training, and a chunk carries its jobs' shared bytes once. A task that
+    dies fails all jobs of its chunk. Capped jobs get a task each, so a cap
+    stops one job only.
+    """
 
     name = "ray"
 
     def __init__(
-        self, workers: int, address: str | None = None, num_cpus: float = 0.0
+        self,
+        workers: int,
+        address: str | None = None,
+        num_cpus: float = 0.0,
+        chunk: int = 16,
     ) -> None:
         import ray
 
@@ -470,40 +486,66 @@ class RayRunner(JobRunner):
         # Flower's simulation holds every CPU of its cluster for ClientApp
         # actors; tasks asking for none run beside them instead of waiting.
         self._task = ray.remote(max_retries=0, num_cpus=num_cpus)(_ray_task)
+        self._chunk_task = ray.remote(max_retries=0, num_cpus=num_cpus)(_ray_chunk)
         self.workers = max(1, int(workers))
+        self.chunk = max(1, int(chunk))
+
+    def _units(self, jobs: Sequence[Job], deadline: float | None) -> list[list[int]]:
+        """Job indices per task, in job order."""
+        free = [
+            i
+            for i, job in enumerate(jobs)
+            if _cap(job, deadline).timeout_s is None and job.memory_mb is None
+        ]
+        size = max(1, min(self.chunk, -(-len(free) // self.workers)))
+        units = [free[k : k + size] for k in range(0, len(free), size)]
+        taken = set(free)
+        units += [[i] for i in range(len(jobs)) if i not in taken]
+        return sorted(units, key=lambda unit: unit[0])
 
     def run(
         self, jobs: Sequence[Job], deadline: float | None = None
     ) -> list[JobOutcome]:
         ray = self._ray
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
-        for first in range(0, len(jobs), self.workers):
-            batch = list(enumerate(jobs))[first : first + self.workers]
+        units = self._units(jobs, deadline)
+        for first in range(0, len(units), self.workers):
             started = time.perf_counter()
-            refs = {}
-            for i, job in batch:
+            refs: dict[tuple[int, ...], tuple[Any, float | None]] = {}
+            for unit in units[first : first + self.workers]:
                 if deadline is not None and started >= deadline:
-                    outcomes[i] = _skipped()
+                    for i in unit:
+                        outcomes[i] = _skipped()
+                elif len(unit) == 1:
+                    job = jobs[unit[0]]
+                    one = self._task.remote(_cap(job, None))
+                    refs[tuple(unit)] = (one, _cap(job, deadline).timeout_s)
                 else:
-                    refs[i] = (self._task.remote(_cap(job, None)), _cap(job, deadline))
-            for i, (ref, job) in refs.items():
+                    many = self._chunk_task.remote([jobs[i] for i in unit])
+                    refs[tuple(unit)] = (many, None)
+            for members, (ref, timeout_s) in refs.items():
                 wait = None
-                if job.timeout_s is not None:
-                    wait = max(0.0, job.timeout_s - (time.perf_counter() - started))
+                if timeout_s is not None:
+                    wait = max(0.0, timeout_s - (time.perf_counter() - started))
                 try:
-                    outcomes[i] = ray.get(ref, timeout=wait)
+                    got = ray.get(ref, timeout=wait)
+                    for i, outcome in zip(
+                        members, got if len(members) > 1 else [got], strict=True
+                    ):
+                        outcomes[i] = outcome
                 except ray.exceptions.GetTimeoutError:
                     ray.cancel(ref, force=True)
-                    outcomes[i] = JobOutcome.failed(
-                        f"stopped after {job.timeout_s:g} s (attack_timeout_s)",
+                    outcomes[members[0]] = JobOutcome.failed(
+                        f"stopped after {timeout_s:g} s (attack_timeout_s)",
                         _since(started),
                         status="timeout",
                     )
                 except Exception as exc:  # worker died, OOM-killed, ...
-                    outcomes[i] = JobOutcome.failed(
-                        f"the Ray task failed: {type(exc).__name__}: {exc}",
-                        _since(started),
-                    )
+                    for i in members:
+                        outcomes[i] = JobOutcome.failed(
+                            f"the Ray task failed: {type(exc).__name__}: {exc}",
+                            _since(started),
+                        )
         return [o if o is not None else _skipped() for o in outcomes]
 
 

@@ -166,18 +166,24 @@ def test_ray_backend_runs_attacks_as_tasks(tmp_path):
     ray = pytest.importorskip("ray")
     from fl_audit.runtime import RayRunner
 
-    runner = RayRunner(2)
+    runner = RayRunner(2, chunk=2)
+    jobs = [
+        AttackJob(NaNs(), _target()),
+        AttackJob(Sleepy(30.0), _target(), timeout_s=2.0),
+        AttackJob(Raises(), _target()),
+        AttackJob(NaNs(), _target()),
+        AttackJob(NaNs(), _target()),
+    ]
     try:
-        outcomes = runner.run(
-            [
-                AttackJob(NaNs(), _target()),
-                AttackJob(Sleepy(30.0), _target(), timeout_s=2.0),
-            ]
-        )
+        # Uncapped jobs share tasks (chunks of 2), the capped one has its own
+        assert runner._units(jobs, None) == [[0, 2], [1], [3, 4]]
+        outcomes = runner.run(jobs)
     finally:
         ray.shutdown()
     assert outcomes[0].result is not None
     assert outcomes[1].status == "timeout"
+    assert outcomes[2].status == "failed"  # alone: its chunk-mate completed
+    assert [o.status for o in outcomes[3:]] == ["completed", "completed"]
 
 
 def test_a_worker_is_reused_until_a_job_kills_it():
