@@ -89,6 +89,34 @@ class QuietFedAvg(FedAvg):
         return []
 
 
+def audited_strategy(
+    *,
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    config: Any,
+    server_round: int = 1,
+    train_config: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+):
+    """``AuditStrategy(QuietFedAvg(), ...)`` with round ``server_round`` configured.
+
+    The global arrays are the model's own weights; ``kwargs`` (e.g.
+    ``attacks``) go to the strategy.
+    """
+    from fl_audit.strategies import AuditStrategy
+
+    strategy = AuditStrategy(
+        QuietFedAvg(), model=model, input_shape=input_shape, config=config, **kwargs
+    )
+    strategy.configure_train(
+        server_round,
+        arrays_of(model.state_dict()),
+        ConfigRecord(dict(train_config or {})),
+        None,
+    )
+    return strategy
+
+
 def context(
     partition: int | None = 0,
     run_config: Mapping[str, Any] | None = None,

@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 from fl_audit.client import META_KEY, TRUTH_KEY
 from fl_audit.data import load_samples
 from fl_audit.report import RoundReport, RunSummary
-from fl_audit.strategies import AuditStrategy
 from tests.flower_fakes import (
-    QuietFedAvg,
-    arrays_of,
+    audited_strategy,
     error_reply,
     metadata,
     mlp,
@@ -124,13 +122,9 @@ def test_random_malformed_replies_never_change_the_aggregate_or_raise(tmp_path, 
     audited = [a for a, _ in pairs]
     plain = [b for _, b in pairs]
     keysets = {tuple(m.content["arrays"].keys()) for m in plain if not m.has_error()}
-    strategy = AuditStrategy(
-        QuietFedAvg(),
-        model=MODEL,
-        input_shape=(1, 8, 8),
-        config={"output_dir": tmp_path / "r"},
+    strategy = audited_strategy(
+        model=MODEL, input_shape=(1, 8, 8), config={"output_dir": tmp_path / "r"}
     )
-    strategy.configure_train(1, arrays_of(MODEL.state_dict()), ConfigRecord(), None)
 
     # Act / Assert: when FedAvg accepts the round, the aggregates agree
     try:
@@ -156,14 +150,11 @@ def test_metadata_that_lies_about_the_batch_size_is_reported(tmp_path):
     # Arrange: 6 real digits in one step, the client claims a batch of 1
     samples = load_samples("digits", 6, seed=1)
     model = mlp(64, 32, 10)
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         config={"output_dir": tmp_path},
-    )
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+        train_config={"lr": 0.1},
     )
     reply = train_reply(
         1,
@@ -184,13 +175,9 @@ def test_metadata_that_lies_about_the_batch_size_is_reported(tmp_path):
 
 def test_update_with_wrong_shapes_is_reported_and_others_audited(tmp_path):
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
-        model=model,
-        input_shape=(1, 8, 8),
-        config={"output_dir": tmp_path},
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), config={"output_dir": tmp_path}
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     state = model.state_dict()
     bad = {k: torch.zeros(3) for k in state}
     good = {k: v + 0.1 for k, v in state.items()}

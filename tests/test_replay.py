@@ -16,7 +16,14 @@ from fl_audit.data import load_samples
 from fl_audit.replay import load_capture, replay
 from fl_audit.report import RoundReport
 from fl_audit.strategies import AuditStrategy
-from tests.flower_fakes import QuietFedAvg, arrays_of, mlp, sgd_step, train_reply
+from tests.flower_fakes import (
+    QuietFedAvg,
+    arrays_of,
+    audited_strategy,
+    mlp,
+    sgd_step,
+    train_reply,
+)
 
 
 def _run(tmp_path: Path, rounds: int = 2, **cfg) -> AuditStrategy:
@@ -169,8 +176,7 @@ def test_local_dp_reports_noise_against_the_update(tmp_path):
         output_dir=tmp_path,
         privacy={"noise_multiplier": 1.0, "clipping_norm": 1.0, "noise_on": "update"},
     )
-    audit = AuditStrategy(QuietFedAvg(), model=model, input_shape=(1, 8, 8), config=cfg)
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
+    audit = audited_strategy(model=model, input_shape=(1, 8, 8), config=cfg)
     state = model.state_dict()
     audit.aggregate_train(
         1,
@@ -202,10 +208,7 @@ def test_declared_update_noise_sets_the_attack_noise_floor(tmp_path):
             update_noise_std=noise,
             allow_ground_truth=True,
         )
-        strategy = AuditStrategy(
-            QuietFedAvg(), model=model, input_shape=(1, 8, 8), config=cfg
-        )
-        strategy.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
+        strategy = audited_strategy(model=model, input_shape=(1, 8, 8), config=cfg)
         truth = {"inputs": samples.inputs.numpy(), "labels": samples.labels.numpy()}
         strategy.aggregate_train(1, [train_reply(1, noisy, 1, meta=meta, truth=truth)])
         return strategy.reports[1].clients[0].attacks[0]

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
 
 from fl_audit import AuditConfig
 from fl_audit.attacks import AnalyticFCInversion
@@ -20,9 +19,13 @@ from fl_audit.runtime import (
     ProcessRunner,
     run_isolated,
 )
-from fl_audit.strategies import AuditStrategy
 from tests.attack_fakes import Hog, NaNs, Raises, Sleepy
-from tests.flower_fakes import QuietFedAvg, arrays_of, mlp, sgd_step, train_reply
+from tests.flower_fakes import (
+    audited_strategy,
+    mlp,
+    sgd_step,
+    train_reply,
+)
 
 
 def _target():
@@ -61,14 +64,9 @@ def test_an_attack_over_its_memory_cap_fails_alone():
 def test_round_budget_skips_attacks_not_started_in_time(tmp_path):
     model = mlp()
     cfg = AuditConfig(output_dir=tmp_path, round_budget_s=1.5, attack_timeout_s=1.0)
-    audit = AuditStrategy(
-        QuietFedAvg(),
-        model=model,
-        input_shape=(1, 8, 8),
-        attacks=[Sleepy(5.0)],
-        config=cfg,
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), attacks=[Sleepy(5.0)], config=cfg
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     state = model.state_dict()
     replies = [
         train_reply(n, {k: v + n for k, v in state.items()}, 1) for n in (1, 2, 3)
@@ -83,14 +81,12 @@ def test_round_budget_skips_attacks_not_started_in_time(tmp_path):
 
 def test_nan_results_are_flagged(tmp_path):
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         attacks=[NaNs()],
         config={"output_dir": tmp_path},
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     audit.aggregate_train(1, [train_reply(1, model.state_dict(), 1)])
     (client,) = audit.reports[1].clients
     assert "NaN/Inf" in " ".join(client.attacks[0].notes)
@@ -101,15 +97,12 @@ def test_process_backend_returns_before_the_audit_and_reports_later(tmp_path):
     samples = load_samples("digits", 2, seed=0)
     model = mlp(64, 16, 10)
     cfg = AuditConfig(output_dir=tmp_path, backend="process", workers=2)
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         attacks=[AnalyticFCInversion(), Sleepy(3.0)],
         config=cfg,
-    )
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+        train_config={"lr": 0.1},
     )
     replies = [
         train_reply(
@@ -231,9 +224,8 @@ def test_process_backend_audits_whole_clients_in_workers(tmp_path):
         allow_ground_truth=True,
         attack_timeout_s=20.0,
     )
-    audit = AuditStrategy(QuietFedAvg(), model=model, input_shape=(1, 8, 8), config=cfg)
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), config=cfg, train_config={"lr": 0.1}
     )
     x, y = samples.inputs, samples.labels
     replies = [
@@ -258,8 +250,7 @@ def test_process_backend_audits_whole_clients_in_workers(tmp_path):
         assert (tmp_path / client.ground_truth_file).exists()
 
     # ... and a client whose audit hangs is reported, the round goes on
-    hang = AuditStrategy(
-        QuietFedAvg(),
+    hang = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         attacks=[Sleepy(60.0)],
@@ -267,7 +258,6 @@ def test_process_backend_audits_whole_clients_in_workers(tmp_path):
             update={"output_dir": tmp_path / "hang", "attack_timeout_s": 1.0}
         ),
     )
-    hang.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     hang.aggregate_train(1, replies)
     (failed, _) = (c.attacks[0] for c in hang.reports[1].clients)
     assert failed.status == "failed" and "stopped after 1 s" in failed.reason

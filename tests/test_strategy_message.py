@@ -21,6 +21,7 @@ from fl_audit.strategies import AuditStrategy
 from tests.flower_fakes import (
     QuietFedAvg,
     arrays_of,
+    audited_strategy,
     context,
     error_reply,
     mlp,
@@ -160,11 +161,8 @@ def test_single_example_clients_are_recovered_exactly_on_real_mri(tmp_path):
         torch.nn.Linear(32, 3),
     )
     cfg = AuditConfig(output_dir=tmp_path, allow_ground_truth=True, simulation=True)
-    audit = AuditStrategy(
-        QuietFedAvg(), model=model, input_shape=(1, 32, 32), config=cfg
-    )
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+    audit = audited_strategy(
+        model=model, input_shape=(1, 32, 32), config=cfg, train_config={"lr": 0.1}
     )
     replies = [
         _hospital_reply(
@@ -201,14 +199,11 @@ def test_clients_without_the_mod_are_audited_with_what_the_update_gives(tmp_path
     # Arrange: no metadata; one real digit per client
     samples = load_samples("digits", 2, seed=0)
     model = mlp(64, 16, 10)
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         config={"output_dir": tmp_path},
-    )
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+        train_config={"lr": 0.1},
     )
     replies = [
         train_reply(
@@ -237,13 +232,12 @@ def test_clients_without_the_mod_are_audited_with_what_the_update_gives(tmp_path
 def test_error_replies_and_malformed_metadata_are_reported(tmp_path):
     # Arrange
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         config={"output_dir": tmp_path},
+        server_round=3,
     )
-    audit.configure_train(3, arrays_of(model.state_dict()), ConfigRecord(), None)
     good = train_reply(
         1,
         model.state_dict(),
@@ -272,14 +266,11 @@ def test_ground_truth_is_discarded_unless_allowed(tmp_path):
     # Arrange: a client sends its input; the audit config does not allow it
     samples = load_samples("digits", 1, seed=3)
     model = mlp(64, 16, 10)
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         config={"output_dir": tmp_path},
-    )
-    audit.configure_train(
-        1, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.1}), None
+        train_config={"lr": 0.1},
     )
     reply = _hospital_reply(
         model, samples.inputs, samples.labels, 0, 0.1, {"audit.send-ground-truth": True}
@@ -316,14 +307,12 @@ class _Never(Attack):
 def test_an_attack_that_raises_is_reported_not_raised(tmp_path):
     # Arrange
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         attacks=[_Boom(), _Never()],
         config={"output_dir": tmp_path},
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
 
     # Act
     aggregate, _ = audit.aggregate_train(
@@ -343,13 +332,9 @@ def test_an_attack_that_raises_is_reported_not_raised(tmp_path):
 def test_identical_arrays_from_every_client_are_audited_once_as_an_aggregate(tmp_path):
     # Arrange: every reply carries the same arrays (what secure aggregation shows)
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
-        model=model,
-        input_shape=(1, 8, 8),
-        config={"output_dir": tmp_path},
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), config={"output_dir": tmp_path}
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     shared = {k: v + 0.01 for k, v in model.state_dict().items()}
     replies = [train_reply(n, shared, 10, meta={"partition-id": n}) for n in (1, 2, 3)]
 
@@ -379,14 +364,12 @@ def test_aggregate_train_without_configure_train_still_aggregates(tmp_path):
 
 def test_configure_train_keeps_the_config_the_inner_strategy_sends(tmp_path):
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
+    audit = audited_strategy(
         model=model,
         input_shape=(1, 8, 8),
         config={"output_dir": tmp_path},
-    )
-    audit.configure_train(
-        4, arrays_of(model.state_dict()), ConfigRecord({"lr": 0.05}), None
+        server_round=4,
+        train_config={"lr": 0.05},
     )
     audit.aggregate_train(4, _random_round(np.random.default_rng(4), model, 1, False))
     report = json.loads((tmp_path / "round-0004.json").read_text())
@@ -419,13 +402,9 @@ def test_bad_construction_is_rejected_with_the_fix(tmp_path):
 def test_replies_are_not_consumed_twice(tmp_path):
     # A generator of replies is materialised once and still aggregated.
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
-        model=model,
-        input_shape=(1, 8, 8),
-        config={"output_dir": tmp_path},
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), config={"output_dir": tmp_path}
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     replies = _random_round(np.random.default_rng(5), model, 3, True)
     expected, _ = FedAvg().aggregate_train(
         1,
@@ -444,13 +423,9 @@ def test_replies_are_not_consumed_twice(tmp_path):
 
 def test_two_replies_claiming_one_partition_are_both_reported(tmp_path):
     model = mlp()
-    audit = AuditStrategy(
-        QuietFedAvg(),
-        model=model,
-        input_shape=(1, 8, 8),
-        config={"output_dir": tmp_path},
+    audit = audited_strategy(
+        model=model, input_shape=(1, 8, 8), config={"output_dir": tmp_path}
     )
-    audit.configure_train(1, arrays_of(model.state_dict()), ConfigRecord(), None)
     state = model.state_dict()
     replies = [
         train_reply(
