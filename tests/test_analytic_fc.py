@@ -137,8 +137,9 @@ def test_fewer_units_than_inputs_certifies_nothing_false(fashion_mnist: Samples)
 
 def test_fedavg_update_recovers_part_of_the_local_set(fashion_mnist: Samples):
     # Arrange: one client, N = 32 images, batches of 8, 4 SGD steps, h = 128.
-    # Measured: 6 of 32 at >= 30 dB on these dense garments, 3 of them
-    # certified at the starting weights (the goal of 16 is not met).
+    # Measured: 14 of 32 at >= 30 dB on these dense garments (face vertices,
+    # most of them uncertified), 5 certified at the starting weights (the
+    # goal of 16 is not met).
     x, y = fashion_mnist.inputs[:32].float(), fashion_mnist.labels[:32]
     target = _fedavg_target(x, y, hidden=128, batch=8)
 
@@ -148,8 +149,8 @@ def test_fedavg_update_recovers_part_of_the_local_set(fashion_mnist: Samples):
     # Assert
     report = match_inputs(result.inputs, x, data_range=1.0)
     assert result.batch_size_estimate == 32
-    assert report.recovered(30.0) >= 5
-    assert "trajectory" in result.certificates
+    assert report.recovered(30.0) >= 12
+    assert result.certificates.count("trajectory") >= 4
     assert _false_certificates(result, x, min_psnr=30.0) == 0
     assert any("multi-step update" in note for note in result.notes)
 

@@ -462,7 +462,9 @@ class AnalyticFCInversion(Attack):
         else:
             notes.append(f"stopped after max_peel_rounds={self.max_peel_rounds}")
 
-        rest = _distinct(uncertified, found, tol)
+        # Reported candidates closer to each other or to a found input than
+        # the gradient's noise allows telling apart are one input.
+        rest = _distinct(uncertified, found, tol, rel=max(1e-6, 10 * tol.rank))
         labels = (
             certifier.best_labels(grad, rest)
             if certifier and rest
@@ -499,9 +501,12 @@ class AnalyticFCInversion(Attack):
             accepted = self._trimmed(certifier, certifier.certify(grad, cheap, tol))
             if accepted:
                 return accepted, []
+        # Face vertices that cannot be certified (e.g. inputs of later local
+        # steps of a FedAvg update) are still vertices: worth reporting.
+        faces = cheap
         full, plausible = self._candidates(target, grad, tol, notes)
         full = _distinct(full, found, tol)
-        return certifier.certify(grad, full, tol), plausible
+        return certifier.certify(grad, full, tol), faces + plausible
 
     @staticmethod
     def _trimmed(
@@ -689,7 +694,7 @@ def _face_vertices(
         A = np.vstack([V[at_lo], V[at_hi], last[None, :]])
         b = np.r_[np.full(at_lo.sum(), lo), np.full(at_hi.sum(), hi), 1.0]
         _, sv, vt = np.linalg.svd(A, full_matrices=True)
-        rank = int((sv > 1e-9 * sv[0]).sum())
+        rank = int((sv > max(1e-9, tol.rank) * sv[0]).sum())
         dim = r - rank
         if dim > max_dim:
             continue
@@ -855,12 +860,15 @@ def _new_inputs(
 
 
 def _distinct(
-    cands: list[np.ndarray], known: list[_Found], tol: _Tolerances
+    cands: list[np.ndarray],
+    known: list[_Found],
+    tol: _Tolerances,
+    rel: float = 1e-6,
 ) -> list[np.ndarray]:
     """Drop candidates that repeat each other or an input already found.
 
-    A candidate repeats another when they differ by at most 1e-6 of its norm;
-    the first of a group is kept, in the given order.
+    A candidate repeats another when they differ by at most ``rel`` of its
+    norm; the first of a group is kept, in the given order.
     """
     cands = [c for c in cands if np.all(np.isfinite(c))]
     if not cands:
@@ -868,7 +876,7 @@ def _distinct(
     C = np.stack(cands)  # (n, d)
     R = np.stack([f.x for f in known]) if known else np.zeros((0, C.shape[1]))
     sq_c = np.einsum("nd,nd->n", C, C)
-    limit = (1e-6 * np.maximum(np.sqrt(sq_c), 1e-300)) ** 2  # (n,)
+    limit = (rel * np.maximum(np.sqrt(sq_c), 1e-300)) ** 2  # (n,)
     # Squared distances from the Gram matrix; rounding there is far below
     # the 1e-6 relative threshold for inputs of similar norm.
     to_known = (
