@@ -245,6 +245,9 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
         ({"distance": "l1"}, "distance"),
         ({"optimizer": "sgd"}, "optimizer"),
         ({"tv_weight": -1.0}, "tv_weight"),
+        ({"tv_weight": []}, "tv_weight"),
+        ({"tv_weight": [3.0, -1.0]}, "tv_weight"),
+        ({"patience": 0}, "patience"),
         ({"labels": "guess"}, "labels"),
         ({"relu_smoothing": (0.1, -1.0)}, "relu_smoothing"),
     ],
@@ -320,3 +323,34 @@ def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
     # Assert: the ramp continuation reaches 30 dB where the exact ReLU stalls
     assert smoothed >= 30.0
     assert plain < 30.0
+
+
+def test_trials_cycle_through_the_tv_weights_and_keep_the_best_match() -> None:
+    # Arrange: a real 16x16 Fashion-MNIST image, ReLU CNN, PyTorch's init
+    fashion = load_samples("fashion_mnist", 2, size=16, seed=0)
+    x, y = fashion.inputs[:1], fashion.labels[:1] % 10
+    torch.manual_seed(0)
+    model = SmallReLUCNN(1, 16)
+    target = AttackTarget.from_gradients(
+        model, gradients(model, x, y), fashion.input_shape, input_range=(0.0, 1.0)
+    )
+    options = dict(
+        time_budget_s=120,
+        max_iterations=2000,
+        accept_residual=0.0,
+        patience=5,
+        progress=False,
+    )
+    alone = PriorGuidedReconstruction(inits=["uniform"], tv_weight=30.0, **options)
+    first = alone.run(target)
+    # Act: the same first trial, then a second start with another weight
+    cycled = PriorGuidedReconstruction(
+        inits=["uniform", "uniform"], tv_weight=(30.0, 3.0), **options
+    )
+    both = cycled.run(target)
+    # Assert: both trials ran, the better match was kept, its weight named
+    note = both.notes[-1]
+    assert "best of 2 trial(s)" in note
+    assert both.residual <= first.residual
+    weight = "30" if both.residual == first.residual else "3,"
+    assert f"TV weight {weight}" in note

@@ -67,6 +67,7 @@ class _Trial:
     x: torch.Tensor
     residual: float
     stopped: str
+    tv_weight: float
 
 
 @register_attack("prior_guided")
@@ -104,7 +105,12 @@ class PriorGuidedReconstruction(Attack):
         at every scale. It is annealed (divided by 10, then 100, each phase
         at most ``3 * patience`` iterations) before a polish without it.
         The default 3 was tuned on 32x32 photos (bench/iterative.py); the
-        seed paper's 1e-4 is too weak to matter under this scaling.
+        seed paper's 1e-4 is too weak to matter under this scaling. A
+        sequence gives one weight per trial, cycled: the best weight
+        depends on the image, and the trial whose gradient matches best is
+        kept. ``None``: ``(3, 10)`` on models with ``nn.ReLU`` modules
+        (measured on 32x32 photos with a default-initialised ReLU CNN),
+        ``3`` otherwise.
     smooth_weight:
         Weight of the second-difference prior (1-D signals ``(C, L)``),
         relative and annealed like ``tv_weight``.
@@ -126,7 +132,10 @@ class PriorGuidedReconstruction(Attack):
         Stop a trial when the normalised L2 distance falls below it.
     patience:
         Stop a trial when its objective has not improved by 0.1 % in this
-        many iterations.
+        many iterations; phases before the polish last at most
+        ``3 * patience`` iterations. ``None``: 50 on models with
+        ``nn.ReLU`` modules (shorter continuation phases leave time for a
+        second trial), 100 otherwise.
     precision:
         ``"float64"``: match in double precision whatever the client's
         dtype (needed on models with PyTorch's default initialisation, see
@@ -185,7 +194,7 @@ class PriorGuidedReconstruction(Attack):
         inits: Sequence[str] | None = None,
         restarts: int = 4,
         reference: torch.Tensor | None = None,
-        tv_weight: float = 3.0,
+        tv_weight: float | Sequence[float] | None = None,
         smooth_weight: float = 1e-4,
         box: bool = True,
         distance: str = "l2",
@@ -193,7 +202,7 @@ class PriorGuidedReconstruction(Attack):
         lr: float | None = None,
         accept_residual: float = 1e-5,
         tolerance: float = 1e-10,
-        patience: int = 100,
+        patience: int | None = None,
         precision: str = "float64",
         relu_smoothing: Sequence[float] = (0.3, 0.1, 0.03),
         seed: int = 0,
@@ -230,9 +239,26 @@ class PriorGuidedReconstruction(Attack):
             problems.append(
                 "reference must be a finite tensor (N, *input_shape) with N >= 1"
             )
-        for name, value in (("tv_weight", tv_weight), ("smooth_weight", smooth_weight)):
-            if not (isinstance(value, int | float) and value >= 0):
-                problems.append(f"{name} must be a number >= 0, got {value!r}")
+        if not (isinstance(smooth_weight, int | float) and smooth_weight >= 0):
+            problems.append(
+                f"smooth_weight must be a number >= 0, got {smooth_weight!r}"
+            )
+        tv_weights: tuple[float, ...] | None = None
+        if tv_weight is not None:
+            seq = (tv_weight,) if isinstance(tv_weight, int | float) else tv_weight
+            if isinstance(seq, str) or not (
+                len(seq)
+                and all(
+                    isinstance(w, int | float) and math.isfinite(w) and w >= 0
+                    for w in seq
+                )
+            ):
+                problems.append(
+                    "tv_weight must be a number >= 0, a non-empty sequence of them "
+                    f"(one per trial, cycled) or None; got {tv_weight!r}"
+                )
+            else:
+                tv_weights = tuple(float(w) for w in seq)
         if distance not in ("l2", "cosine"):
             problems.append(f"distance must be 'l2' or 'cosine', got {distance!r}")
         if optimizer not in ("lbfgs", "adam"):
@@ -247,8 +273,8 @@ class PriorGuidedReconstruction(Attack):
         ):
             if not (isinstance(value, int | float) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(patience, int) or patience < 1:
-            problems.append(f"patience must be an int >= 1, got {patience!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
         if isinstance(relu_smoothing, str) or not all(
             isinstance(f, int | float) and math.isfinite(f) and f > 0
             for f in relu_smoothing
@@ -267,7 +293,7 @@ class PriorGuidedReconstruction(Attack):
         self.inits = None if inits is None else tuple(inits)
         self.restarts = restarts
         self.reference = reference
-        self.tv_weight = float(tv_weight)
+        self.tv_weight = tv_weights
         self.smooth_weight = float(smooth_weight)
         self.box = box
         self.distance = distance
@@ -288,6 +314,17 @@ class PriorGuidedReconstruction(Attack):
             f"optimizer={self.optimizer!r}, inits={self._init_plan(False)}, "
             f"time_budget_s={self.time_budget_s})"
         )
+
+    def _tv_plan(self, has_relus: bool) -> tuple[float, ...]:
+        """TV weights of the trials, cycled (see ``tv_weight``)."""
+        if self.tv_weight is not None:
+            return self.tv_weight
+        return (3.0, 10.0) if has_relus else (3.0,)
+
+    def _patience(self, has_relus: bool) -> int:
+        if self.patience is not None:
+            return self.patience
+        return 50 if has_relus else 100
 
     def _init_plan(
         self, has_reference: bool, has_analytic: bool = True
@@ -345,6 +382,7 @@ class PriorGuidedReconstruction(Attack):
         bar = progress_bar(self.progress, self.max_iterations, "prior_guided")
         plan = self._init_plan(self.reference is not None, analytic is not None)
         gen = torch.Generator().manual_seed(self.seed)
+        tv_plan = self._tv_plan(bool(problem.relus))
         try:
             attempt = 0
             while attempt < len(plan) and not budget.exhausted():
@@ -366,7 +404,15 @@ class PriorGuidedReconstruction(Attack):
                     continue
                 try:
                     trial = self._trial(
-                        init, x0, labels, problem, target, budget, bar, (lo, hi)
+                        init,
+                        x0,
+                        labels,
+                        problem,
+                        target,
+                        budget,
+                        bar,
+                        (lo, hi),
+                        tv_plan[(attempt - 1) % len(tv_plan)],
                     )
                 except Diverged as exc:
                     notes.append(
@@ -404,7 +450,13 @@ class PriorGuidedReconstruction(Attack):
             )
         best = min(trials, key=lambda t: t.residual)
         notes.append(
-            f"best of {len(trials)} trial(s): {best.init} start, residual "
+            f"best of {len(trials)} trial(s): {best.init} start"
+            + (
+                f", TV weight {best.tv_weight:g}"
+                if len(target.input_shape) == 3
+                else ""
+            )
+            + f", residual "
             f"{best.residual:.3g} ({best.stopped}); labels: {source}; "
             f"{budget.used_iterations} iteration(s), {budget.evaluations} evaluation(s)"
         )
@@ -571,6 +623,7 @@ class PriorGuidedReconstruction(Attack):
             captured.append(inputs[0])
 
         lo, hi = box
+        tv_weight = self._tv_plan(bool(problem.relus))[0]
         x = x0.clone().requires_grad_(True)
 
         def objective() -> torch.Tensor:
@@ -589,7 +642,7 @@ class PriorGuidedReconstruction(Attack):
                 proj = (aug @ basis.T) @ basis  # (B, m + 1)
                 fit = (((aug - proj) ** 2).sum(dim=1) / (aug * aug).sum(dim=1)).mean()
             # the prior's weight follows the fit reached, as in the trials
-            prior = scale[0] * self._prior(x, target)
+            prior = scale[0] * self._prior(x, target, tv_weight)
             return fit.to(x.dtype) + prior + self._box_penalty(x, box)
 
         scale = [1.0]
@@ -628,15 +681,17 @@ class PriorGuidedReconstruction(Attack):
 
     # ----------------------------------------------------------------- priors
 
-    def _prior(self, x: torch.Tensor, target: AttackTarget) -> torch.Tensor | float:
+    def _prior(
+        self, x: torch.Tensor, target: AttackTarget, tv_weight: float
+    ) -> torch.Tensor | float:
         if target.input_range is None:
             return 0.0
-        if x.dim() == 4 and self.tv_weight > 0:  # (B, C, H, W)
+        if x.dim() == 4 and tv_weight > 0:  # (B, C, H, W)
             dh = x[..., 1:, :] - x[..., :-1, :]
             dw = x[..., :, 1:] - x[..., :, :-1]
             eps = 1e-8
             tv = torch.sqrt(dh * dh + eps).mean() + torch.sqrt(dw * dw + eps).mean()
-            return self.tv_weight * tv
+            return tv_weight * tv
         if x.dim() == 3 and self.smooth_weight > 0 and x.shape[-1] > 2:  # (B, C, L)
             d2 = x[..., 2:] - 2 * x[..., 1:-1] + x[..., :-2]
             return self.smooth_weight * (d2 * d2).mean()
@@ -652,6 +707,14 @@ class PriorGuidedReconstruction(Attack):
 
     # ------------------------------------------------------------------ trial
 
+    def _phases(self, has_relus: bool) -> list[tuple[float | None, float]]:
+        """``(ReLU ramp width or None for the exact model, prior factor)``."""
+        phases: list[tuple[float | None, float]] = []
+        if has_relus:
+            phases += [(f, 1.0) for f in self.relu_smoothing]
+        phases += [(None, 1.0), (None, 0.1), (None, 0.01), (None, 0.0)]
+        return phases
+
     def _trial(
         self,
         init: str,
@@ -662,8 +725,10 @@ class PriorGuidedReconstruction(Attack):
         budget: Budget,
         bar: object,
         box: tuple[float, float],
+        tv_weight: float,
     ) -> _Trial:
         lo, hi = box
+        patience = self._patience(bool(problem.relus))
         x = x0.clone().requires_grad_(True)
         soft = (
             labels.clone().requires_grad_(True) if labels.is_floating_point() else None
@@ -694,11 +759,7 @@ class PriorGuidedReconstruction(Attack):
         # polish, so a weight strong enough to guide 32x32 photos out of
         # noise does not pin small, sharp-edged inputs (8x8 digits) to a
         # smoothed answer.
-        phases: list[tuple[float | None, float]] = []
-        if problem.relus:
-            phases += [(f, 1.0) for f in self.relu_smoothing]
-        phases += [(None, 1.0), (None, 0.1), (None, 0.01), (None, 0.0)]
-        for fraction, prior_factor in phases:
+        for fraction, prior_factor in self._phases(bool(problem.relus)):
             if budget.exhausted():
                 break
             problem.soften(fraction, x)
@@ -709,7 +770,9 @@ class PriorGuidedReconstruction(Attack):
                 if use_box:
                     value = value + self._box_penalty(x, box)
                 if prior_factor > 0:
-                    value = value + prior_factor * scale[0] * self._prior(x, target)
+                    value = value + prior_factor * scale[0] * self._prior(
+                        x, target, tv_weight
+                    )
                 return value
 
             try:
@@ -721,12 +784,10 @@ class PriorGuidedReconstruction(Attack):
                     lr=self.lr,
                     line_search=True,
                     max_iterations=(
-                        None
-                        if fraction is None and prior_factor == 0
-                        else self.patience * 3
+                        None if fraction is None and prior_factor == 0 else patience * 3
                     ),
                     chunk=10,
-                    patience=self.patience if fraction is None else 30,
+                    patience=patience if fraction is None else 30,
                     min_improvement=1e-3,
                     tolerance=self.tolerance,
                     explode_factor=1e4,
@@ -744,4 +805,4 @@ class PriorGuidedReconstruction(Attack):
             raise Diverged("the final residual is not finite")
         if soft is not None:
             labels.copy_(soft.detach())
-        return _Trial(init, x.detach().clone(), residual, stopped)
+        return _Trial(init, x.detach().clone(), residual, stopped, tv_weight)
