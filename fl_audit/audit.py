@@ -77,6 +77,7 @@ __all__ = [
     "ClientUpdate",
     "GroundTruth",
     "LazyArrays",
+    "QUICK_DIGEST_BYTES",
     "fingerprint_of",
     "client_key",
     "match_state",
@@ -128,6 +129,10 @@ class LazyArrays(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._loaders)
+
+
+QUICK_DIGEST_BYTES = 4096
+"""Bytes per array a quick digest reads: enough to tell clients' updates apart."""
 
 
 def fingerprint_of(chunks: Iterable[bytes], head: int | None = None) -> str:

@@ -495,18 +495,17 @@ class AnalyticFCInversion(Attack):
         # Cheapest first: the separable read-off (r candidates), the unit
         # ratios (h), then the small faces; each is certified in one batched
         # model call.
+        tried: dict[str, list[np.ndarray]] = {}
         for tier in ("separable", "units", "faces"):
-            cheap, _ = self._candidates(target, grad, tol, notes, tier=tier)
-            cheap = _distinct(cheap, found, tol)
-            accepted = self._trimmed(certifier, certifier.certify(grad, cheap, tol))
+            tried[tier], _ = self._candidates(target, grad, tol, notes, tier, found)
+            accepted = certifier.certify(grad, tried[tier], tol)
+            accepted = self._trimmed(certifier, accepted)
             if accepted:
                 return accepted, []
+        full, plausible = self._candidates(target, grad, tol, notes, "full", found)
         # Face vertices that cannot be certified (e.g. inputs of later local
         # steps of a FedAvg update) are still vertices: worth reporting.
-        faces = cheap
-        full, plausible = self._candidates(target, grad, tol, notes)
-        full = _distinct(full, found, tol)
-        return certifier.certify(grad, full, tol), faces + plausible
+        return certifier.certify(grad, full, tol), tried["faces"] + plausible
 
     @staticmethod
     def _trimmed(
@@ -523,11 +522,14 @@ class AnalyticFCInversion(Attack):
         tol: _Tolerances,
         notes: list[str] | None,
         tier: str = "full",
+        known: list[_Found] | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Candidates to certify, and those worth reporting uncertified.
 
-        Unit ratios of multi-input units are mixtures, so only vertices (and
-        the single-input ratio) are reported when they cannot be certified.
+        Candidates repeat neither each other nor a ``known`` input (an input
+        peeled with rounding leaves a trace of itself behind). Unit ratios
+        of multi-input units are mixtures, so only vertices (and the
+        single-input ratio) are reported when they cannot be certified.
         ``tier`` is ``"separable"`` (the read-off only), ``"units"`` (unit
         ratios only), ``"faces"`` (vertices of the small faces the units'
         bound pixels cut out) or ``"full"`` (vertices by linear programs
@@ -537,29 +539,28 @@ class AnalyticFCInversion(Attack):
             # One input left: the least-squares ratio over all units.
             single = [_single_input(grad)]
             return single, single
+        known = known or []
+        box = target.input_range if self.vertex_candidates else None
         if tier == "separable":
-            box = target.input_range if self.vertex_candidates else None
-            sep = _separable(grad, box) if box is not None else []
-            return _distinct(sep, [], tol)[: self.max_candidates], []
-        if tier == "units":
-            return _distinct(_unit_ratios(grad), [], tol)[: self.max_candidates], []
-        if tier == "faces":
-            box = target.input_range if self.vertex_candidates else None
-            if box is None or self.max_face_dim < 1:
-                return [], []
-            found = _face_vertices(grad, box, tol, self.max_face_dim)
-            return _distinct(found, [], tol)[: self.max_candidates], []
-
-        vertices: list[np.ndarray] = []
-        if self.vertex_candidates and target.input_range is not None:
-            vertices = _distinct(_vertices(grad, target.input_range, tol), [], tol)
-        elif notes is not None and self.vertex_candidates:
-            notes.append(
-                "no input_range given: vertex candidates skipped, only unit "
-                "ratios tried"
-            )
-        cands = _distinct(vertices + _unit_ratios(grad), [], tol)
-        return cands[: self.max_candidates], vertices
+            cands = _separable(grad, box) if box is not None else []
+        elif tier == "units":
+            cands = _unit_ratios(grad)
+        elif tier == "faces":
+            cands = []
+            if box is not None and self.max_face_dim >= 1:
+                cands = _face_vertices(grad, box, tol, self.max_face_dim)
+        else:
+            vertices: list[np.ndarray] = []
+            if box is not None:
+                vertices = _distinct(_vertices(grad, box, tol), [], tol)
+            elif notes is not None and self.vertex_candidates:
+                notes.append(
+                    "no input_range given: vertex candidates skipped, only unit "
+                    "ratios tried"
+                )
+            cands = _distinct(vertices + _unit_ratios(grad), known, tol)
+            return cands[: self.max_candidates], vertices
+        return _distinct(cands, known, tol)[: self.max_candidates], []
 
 
 def _subtract(grad: _Gradient, accepted: list[_Accepted]) -> None:

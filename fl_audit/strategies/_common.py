@@ -18,6 +18,7 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import (
+    QUICK_DIGEST_BYTES,
     Auditor,
     ClientUpdate,
     GroundTruth,
@@ -127,12 +128,14 @@ def aggregate_update(
 
 
 def _fingerprint(state: Mapping[str, np.ndarray], quick: bool = False) -> str:
+    """The state's digest; ``quick`` reads only each array's first bytes."""
     if isinstance(state, LazyArrays):
         if quick and state.quick is not None:
             return state.quick
         return state.fingerprint
     return fingerprint_of(
-        k.encode() + np.ascontiguousarray(v).tobytes() for k, v in state.items()
+        (k.encode() + np.ascontiguousarray(v).tobytes() for k, v in state.items()),
+        QUICK_DIGEST_BYTES if quick else None,
     )
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import (
+    QUICK_DIGEST_BYTES,
     ClientUpdate,
     GroundTruth,
     LazyArrays,
@@ -257,7 +258,7 @@ def _update(proxy: ClientProxy, res: FitRes, fields: dict[str, Any]) -> ClientUp
     state = LazyArrays(
         {str(i): functools.partial(bytes_to_ndarray, t) for i, t in enumerate(tensors)},
         functools.partial(_digest, tensors),  # a partial, not a closure: it pickles
-        quick=_digest(tensors, head=4096),  # as message._QUICK_BYTES
+        quick=_digest(tensors, head=QUICK_DIGEST_BYTES),
     )
 
     truth: GroundTruth | None = None

@@ -32,6 +32,7 @@ from torch import nn
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.audit import (
+    QUICK_DIGEST_BYTES,
     ClientUpdate,
     GroundTruth,
     LazyArrays,
@@ -254,16 +255,13 @@ def _take_audit_records(msg: Message) -> tuple[Any, Any]:
     return meta, truth
 
 
-_QUICK_BYTES = 4096  # per array: enough to tell clients' updates apart cheaply
-
-
 def _lazy(record: ArrayRecord) -> LazyArrays:
     """The record's arrays, decoded only when the client's audit needs them."""
     arrays = dict(record.items())
     return LazyArrays(
         {k: functools.partial(_decode, a) for k, a in arrays.items()},
         functools.partial(_digest, arrays),  # a partial, not a closure: it pickles
-        quick=_digest(arrays, head=_QUICK_BYTES),
+        quick=_digest(arrays, head=QUICK_DIGEST_BYTES),
     )
 
 
