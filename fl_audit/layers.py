@@ -18,6 +18,8 @@ parent module (``F.linear(x, self.weight)``), which no hook can see.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,6 +72,23 @@ class FirstLayer:
 
 class _Reached(Exception):
     """Raised by the pre-hook to stop the forward pass early."""
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode inside the block, then restore every module's mode.
+
+    ``model.train(flag)`` would overwrite submodules a user put in eval mode
+    (a frozen BatchNorm), so each module's own flag is restored. No BatchNorm
+    statistics change and no dropout is drawn inside the block.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def check_input_shape(
@@ -144,12 +163,8 @@ def find_first_layer(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLay
     probe = torch.rand((2, *shape), generator=gen, dtype=torch.float64)
     probe = probe.to(dtype=first_param.dtype, device=first_param.device)
     handles = [m.register_forward_pre_hook(pre_hook) for m in owners]
-    # Restore every module's own mode: model.train(flag) would overwrite
-    # submodules a user put in eval mode (a frozen BatchNorm).
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # no BatchNorm statistics change, no dropout
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(probe)
     except _Reached:
         pass
@@ -165,8 +180,6 @@ def find_first_layer(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLay
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
 
     module = seen.get("module")
     if not isinstance(module, nn.Module):

@@ -189,11 +189,35 @@ def test_rerun_on_the_same_target_gives_the_same_result(fashion_mnist: Samples):
     assert all(torch.equal(target.gradients[k], kept[k]) for k in kept)
 
 
-def _fedavg_target(x: torch.Tensor, y: torch.Tensor, hidden: int, batch: int):
+def test_replay_leaves_the_targets_model_as_it_was(fashion_mnist: Samples):
+    # Arrange: a float64 model in training mode (no dtype copy would protect
+    # it if the replay stepped its parameters)
+    x, y = fashion_mnist.inputs[:8].double(), fashion_mnist.labels[:8]
+    target = _fedavg_target(x, y, hidden=64, batch=2, dtype=torch.float64)
+    target.model.train()
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+
+    # Act
+    result = AnalyticFCInversion().run(target)
+
+    # Assert: a step was replayed, on the attack's own copies of the weights
+    assert any("replayed" in note for note in result.notes)
+    after = target.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(m.training for m in target.model.modules())
+
+
+def _fedavg_target(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: int,
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+):
     """A FedAvg update of plain SGD (lr 0.1) over x in consecutive batches."""
-    model = _mlp(x[0].numel(), hidden, torch.float32)
+    model = _mlp(x[0].numel(), hidden, dtype)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    client = _mlp(x[0].numel(), hidden, torch.float32)
+    client = _mlp(x[0].numel(), hidden, dtype)
     client.load_state_dict(global_state)
     opt = torch.optim.SGD(client.parameters(), lr=0.1)
     steps = len(x) // batch

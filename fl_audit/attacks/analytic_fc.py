@@ -41,7 +41,11 @@ Notes
 -----
 The model certificate assumes a per-sample loss (cross-entropy by default)
 and no coupling between samples (BatchNorm in training mode couples them);
-the model is evaluated in eval mode. Weight decay adds ``lr * lambda * W`` to
+the model is evaluated in eval mode. It is the target's own model, run on
+float64 copies of its weights (``torch.func.functional_call``) with its
+modules' modes switched to eval and restored after each call: the model
+object must not be run by another thread while an attack runs (the audit
+gives each target a model of its own). Weight decay adds ``lr * lambda * W`` to
 an update, outside the span of the inputs: ratios are then no longer exact,
 and a units certificate is not issued when the update is inconsistent.
 Vertex candidates need the input range (``AttackTarget.input_range``).
@@ -49,7 +53,6 @@ Vertex candidates need the input range (``AttackTarget.input_range``).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -57,13 +60,14 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 from torch import nn
+from torch.func import functional_call
 
 from fl_audit._logging import logger
 from fl_audit.attacks.base import Applicability, Attack
 from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
-from fl_audit.layers import FirstLayer, find_first_layer
+from fl_audit.layers import FirstLayer, eval_mode, find_first_layer
 
 
 @dataclass
@@ -921,7 +925,23 @@ class _ModelCertifier:
         layer: FirstLayer,
         steps: _Trajectory | None = None,
     ) -> None:
-        self.model = copy.deepcopy(target.model).double().eval()
+        # The target's own model, run on float64 copies of its parameters
+        # and buffers (functional_call): a deepcopy of the module cost more
+        # than the rest of a small batch's attack. The copies are the
+        # certifier's own, so replayed local steps never touch the target.
+        self.model = target.model
+        self.state = {
+            name: tensor.detach().to("cpu", torch.float64, copy=True)
+            if tensor.is_floating_point()
+            else tensor.detach().to("cpu", copy=True)
+            for name, tensor in (
+                *target.model.named_parameters(),
+                *target.model.named_buffers(),
+            )
+        }
+        self.trainable = [
+            name for name, p in target.model.named_parameters() if p.requires_grad
+        ]
         self.steps = steps
         self.layer = dict(self.model.named_modules())[layer.path]
         self.input_shape = target.input_shape
@@ -929,9 +949,14 @@ class _ModelCertifier:
         self.num_classes = target.num_classes or self._infer_classes()
         self.loss = nn.CrossEntropyLoss(reduction="sum")
 
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's logits for float64 ``inputs``, in eval mode, at ``state``."""
+        with eval_mode(self.model):
+            return functional_call(self.model, self.state, (inputs,))
+
     def _infer_classes(self) -> int:
         with torch.no_grad():
-            out = self.model(torch.zeros((1, *self.input_shape), dtype=torch.float64))
+            out = self.forward(torch.zeros((1, *self.input_shape), dtype=torch.float64))
         if out.dim() != 2 or out.shape[1] < 2:
             raise UnsupportedModelError(
                 f"the model's output has shape {tuple(out.shape)}; "
@@ -955,7 +980,7 @@ class _ModelCertifier:
 
         handle = self.layer.register_forward_hook(keep_output)
         try:
-            logits = self.model(inputs)
+            logits = self.forward(inputs)
         finally:
             handle.remove()
         # Only the first layer's output needs its gradient: no parameter
@@ -1025,9 +1050,15 @@ class _ModelCertifier:
         assert self.steps is not None
         X, y = self.steps.completed[-1]
         inputs = torch.from_numpy(X).reshape(len(X), *self.input_shape)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        loss = nn.functional.cross_entropy(self.model(inputs), torch.from_numpy(y))
-        grads = torch.autograd.grad(loss, params)
+        params = [self.state[name].requires_grad_(True) for name in self.trainable]
+        try:
+            loss = nn.functional.cross_entropy(
+                self.forward(inputs), torch.from_numpy(y)
+            )
+            grads = torch.autograd.grad(loss, params)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.sub_(self.steps.lr * g)
