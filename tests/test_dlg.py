@@ -65,6 +65,24 @@ def test_budgets_are_respected(digits: Samples) -> None:
     assert 1 <= len(steps) <= 2
 
 
+def test_a_callback_that_returns_true_stops_the_attack(digits: Samples) -> None:
+    # Arrange
+    target, _, _ = _target(digits, 2)
+    calls: list[float] = []
+
+    def stop_now(_x: torch.Tensor, _value: float, elapsed: float) -> bool:
+        calls.append(elapsed)
+        return True
+
+    # Act
+    result = DLGBaseline(
+        max_iterations=400, time_budget_s=None, progress=False, callback=stop_now
+    ).run(target)
+    # Assert: one step of 20 iterations, then the stop, said in the notes
+    assert len(calls) == 1
+    assert any("stopped: cancelled" in note for note in result.notes)
+
+
 def test_a_diverging_run_is_reported_not_raised(digits: Samples) -> None:
     # Arrange: a huge step without line search overflows quickly
     target, _, _ = _target(digits, 3)

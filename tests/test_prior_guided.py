@@ -234,6 +234,26 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
     assert len(steps) == 7
 
 
+def test_a_callback_that_returns_true_stops_the_attack(digits: Samples) -> None:
+    # Arrange: a plan of four trials, each with several phases
+    target, _ = _target(digits, slice(0, 1), seed=0)
+    calls: list[float] = []
+
+    def stop_at_third(_x: torch.Tensor, _value: float, elapsed: float) -> bool:
+        calls.append(elapsed)
+        return len(calls) >= 3
+
+    attack = PriorGuidedReconstruction(
+        max_iterations=2000, time_budget_s=None, progress=False, callback=stop_at_third
+    )
+    # Act
+    result = attack.run(target)
+    # Assert: no step after the one that asked to stop, and the notes say so
+    assert len(calls) == 3
+    assert any("cancelled" in note for note in result.notes)
+    assert result.inputs.shape == (1, *target.input_shape)
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [

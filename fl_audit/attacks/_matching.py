@@ -56,12 +56,20 @@ class Budget:
     start: float = field(default_factory=time.perf_counter)
     used_iterations: int = 0
     evaluations: int = 0
+    # Set by cancel(): the caller's callback asked the attack to stop.
+    cancelled: bool = False
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def cancel(self) -> None:
+        """End every trial at its next check, as if the budget had run out."""
+        self.cancelled = True
+
     def exhausted(self) -> bool:
+        if self.cancelled:
+            return True
         if self.time_s is not None and self.elapsed >= self.time_s:
             return True
         return self.iterations is not None and self.used_iterations >= self.iterations
@@ -386,7 +394,7 @@ class TrialOutcome:
 
     best_objective: float
     iterations: int
-    stopped: str  # "converged", "stalled", "budget", "max_iterations"
+    stopped: str  # "converged", "stalled", "budget", "cancelled", "max_iterations"
     history: list[tuple[float, int, float]] = field(default_factory=list)
 
 
@@ -479,7 +487,7 @@ def run_trial(
     try:
         while True:
             if budget.exhausted():
-                outcome.stopped = "budget"
+                outcome.stopped = "cancelled" if budget.cancelled else "budget"
                 break
             if max_iterations is not None and outcome.iterations >= max_iterations:
                 break
@@ -510,7 +518,7 @@ def run_trial(
                 outcome.stopped = "stalled"
                 break
     except BudgetExhausted:
-        outcome.stopped = "budget"
+        outcome.stopped = "cancelled" if budget.cancelled else "budget"
     finally:
         if keep_best and math.isfinite(best[0]):
             with torch.no_grad():

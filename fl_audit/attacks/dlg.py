@@ -29,7 +29,8 @@ from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
 
-Callback = Callable[[torch.Tensor, float, float], None]
+Callback = Callable[[torch.Tensor, float, float], bool | None]
+"""``callback(best_input, objective, elapsed_s)``; a true return stops the attack."""
 
 
 def check_budget(
@@ -100,7 +101,9 @@ class DLGBaseline(Attack):
     callback:
         Called after every L-BFGS step (up to 20 iterations) with the best input so far
         ``(B, *input_shape)``, its objective and the elapsed seconds (for
-        benchmarks and monitoring).
+        benchmarks and monitoring). Returning ``True`` stops the attack
+        after that step; the result is the best input so far and its notes
+        say "cancelled".
 
     Notes
     -----
@@ -174,8 +177,10 @@ class DLGBaseline(Attack):
 
         def on_step(n: int, value: float, best: list[torch.Tensor]) -> None:
             bar.update(n, value)
-            if self.callback is not None:
-                self.callback(best[0].detach().clone(), value, budget.elapsed)
+            if self.callback is not None and self.callback(
+                best[0].detach().clone(), value, budget.elapsed
+            ):
+                budget.cancel()
 
         notes: list[str] = []
         try:

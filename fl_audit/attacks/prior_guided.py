@@ -154,6 +154,9 @@ class PriorGuidedReconstruction(Attack):
     callback:
         Called after every optimiser step with the best input of the trial
         ``(B, *input_shape)``, its objective and the elapsed seconds.
+        Returning ``True`` stops the attack after that step (no further
+        phase or trial); the result is the best trial so far and its notes
+        say "cancelled".
 
     Notes
     -----
@@ -747,8 +750,10 @@ class PriorGuidedReconstruction(Attack):
         def on_step(n: int, value: float, best: list[torch.Tensor]) -> None:
             scale[0] = max(value, 1e-300)
             bar.update(n, value)  # type: ignore[attr-defined]
-            if self.callback is not None:
-                self.callback(best[0].detach().clone(), value, budget.elapsed)
+            if self.callback is not None and self.callback(
+                best[0].detach().clone(), value, budget.elapsed
+            ):
+                budget.cancel()
 
         stopped = "budget"
         # Softened phases (ReLU models only: a continuous distance for the
@@ -796,7 +801,7 @@ class PriorGuidedReconstruction(Attack):
             finally:
                 problem.soften(None, x)
             stopped = outcome.stopped
-            if stopped == "budget":
+            if stopped in ("budget", "cancelled"):
                 break
         project()
         lab = soft if soft is not None else labels
