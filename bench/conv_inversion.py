@@ -45,7 +45,7 @@ through a stride-1 conv with h = 16, against a dense SVD least squares of
 the same restricted system. The figure goes to
 docs/figures/conv_inversion_phase_transition.png.
 
-Run: ``PYTHONPATH=. .venv/bin/python bench/conv_inversion.py`` (about 10
+Run: ``PYTHONPATH=. .venv/bin/python bench/conv_inversion.py`` (about 11
 minutes on one core, most of it the per-probe ranks of the 3x32x32
 configurations; ``--quick`` for a smaller sweep).
 """
