@@ -13,24 +13,30 @@ the PSNR of the attack's reconstruction, whether the attack certified it
 * the exact-rank verdict of :func:`fl_audit.bounds.analyze` (the conv's
   operator without ReLU),
 * the ReLU-restricted exact-rank verdict ``conv_exact_rank_relu`` of
-  ``analyze(..., probe=...)``, twice:
+  ``analyze(..., batch_size=1, probe=...)``, twice:
 
-  - *own sample*: the probe is the run's own input, so the verdict is the
-    rank of the very system the attack solves (without its kernel
-    equations) -- close to the attack's certificate, not a prediction made
-    before seeing the data. The runs of one ``h`` are probed in one call;
-    each probe input gets its own rank, so this equals one call per run;
+  - *own sample*: the probe is the run's own input (with the run's label),
+    so the verdict is the rank of the very system the attack solves -- close
+    to the attack's certificate, not a prediction made before seeing the
+    data. The runs of one ``h`` are probed in one call; each probe input
+    gets its own rank, so this equals one call per run;
   - *predictive*: the probe is 8 OTHER real samples of the same modality
     (drawn with another seed, any sample identical to a run's dropped; for
-    photos these are other random crops of the same 7 photos), the verdict
-    a user gets before seeing any client's data. It holds when all 8 are
-    full rank, so it is one yes/no per (configuration, h) and cannot match
-    an ``h`` at which the runs split; the best any such per-``h`` verdict
-    could score is printed next to it, and so is a looser reading of the
-    same verdict's detail (``full_rank_fraction >= 1/2``).
+    photos these are other random crops of the same 7 photos; labels: the
+    model's own prediction, the default), the verdict a user gets before
+    seeing any client's data. It is one yes/no per (configuration, h), so
+    it cannot match an ``h`` at which the runs split; the best any such
+    per-``h`` verdict could score is printed next to it.
 
-Both ReLU verdicts leave out the kernel-gradient equations, so agreement is
-also printed over the runs without them.
+  Each run is compared with the reading of the verdict that matches the
+  attack it ran: the rank with the kernel-gradient rows
+  (``probe_ranks_kernel``, what ``holds`` reads for a single-sample gradient)
+  for the configurations run with kernel equations, the rank without them
+  (``probe_ranks``, what ``holds`` reads for a batch) for the others. The
+  predictive verdict is scored under its holding rule (at least half of the
+  8 probes full rank) and, for comparison, under the earlier rule (all 8
+  full rank, rank without kernel rows for every configuration), with the
+  two changes also taken one at a time.
 
 It prints one table per configuration, the agreement rate of each
 prediction with the measured outcome over all runs, a batch experiment
@@ -39,7 +45,7 @@ through a stride-1 conv with h = 16, against a dense SVD least squares of
 the same restricted system. The figure goes to
 docs/figures/conv_inversion_phase_transition.png.
 
-Run: ``PYTHONPATH=. .venv/bin/python bench/conv_inversion.py`` (about 10
+Run: ``PYTHONPATH=. .venv/bin/python bench/conv_inversion.py`` (about 11
 minutes on one core, most of it the per-probe ranks of the 3x32x32
 configurations; ``--quick`` for a smaller sweep).
 """
@@ -69,7 +75,7 @@ from torch import nn  # noqa: E402
 
 from fl_audit.attacks import AttackTarget, ConvInversion  # noqa: E402
 from fl_audit.attacks._chain import trace_chain  # noqa: E402
-from fl_audit.bounds import RANK_RTOL, analyze  # noqa: E402
+from fl_audit.bounds import HOLDING_FRACTION, RANK_RTOL, Verdict, analyze  # noqa: E402
 from fl_audit.data import load_samples  # noqa: E402
 from fl_audit.metrics import match_inputs  # noqa: E402
 
@@ -89,7 +95,10 @@ class Config:
     p: int
     hs: list[int]
     kernel_equations: bool = False
-    probe_full: dict[int, float] = field(default_factory=dict)
+    # Per h: full-rank fraction of the 8 probes without and with kernel rows.
+    probe_full: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Probe inputs whose rank with kernel rows came out below the rank without.
+    kernel_below: int = 0
     runs: list[dict[str, float | int | bool | None]] = field(default_factory=list)
 
 
@@ -166,27 +175,47 @@ def other_samples(cfg: Config, xs: torch.Tensor) -> torch.Tensor:
     return torch.stack(fresh[:PROBES])
 
 
+def fractions(verdict: Verdict) -> tuple[float, float]:
+    """Full-rank fraction of the probes without and with the kernel rows."""
+    q = verdict.quantities
+    return float(q["full_rank_fraction"]), float(q["full_rank_fraction_kernel"])
+
+
 def sweep(cfg: Config) -> None:
     samples = load_samples(cfg.kind, cfg.count, size=cfg.size, seed=21)
     xs = samples.inputs.double()
+    labels = torch.arange(cfg.count) % 10
     others = other_samples(cfg, xs)
     shape = tuple(xs.shape[1:])
     attack = ConvInversion(weight_equations=cfg.kernel_equations)
+    # The ranks the attack's own system has: with kernel rows or without.
+    own_key = "probe_ranks_kernel" if cfg.kernel_equations else "probe_ranks"
     for h in cfg.hs:
         model = model_for(xs, h, cfg.k, cfg.s, cfg.p, seed=h)
-        report = analyze(model, shape, batch_size=1, probe=xs)
+        report = analyze(model, shape, batch_size=1, probe=xs, probe_labels=labels)
         rank_verdict = report.verdict("conv_exact_rank").holds
         own = report.verdict("conv_exact_rank_relu")
-        own_full = [r == own.required for r in own.quantities["probe_ranks"]]
+        own_full = [r == own.required for r in own.quantities[own_key]]
         pred = analyze(model, shape, batch_size=1, probe=others).verdict(
             "conv_exact_rank_relu"
         )
-        cfg.probe_full[h] = float(pred.quantities["full_rank_fraction"])
+        plain, kernel = fractions(pred)
+        if bool(pred.holds) != (kernel >= HOLDING_FRACTION):
+            raise RuntimeError(f"{cfg.label} h={h}: holds does not read the kernel")
+        cfg.probe_full[h] = (plain, kernel)
+        for v in (own, pred):
+            pairs = zip(
+                v.quantities["probe_ranks"],
+                v.quantities["probe_ranks_kernel"],
+                strict=True,
+            )
+            cfg.kernel_below += sum(k < r for r, k in pairs)
+        matching = kernel if cfg.kernel_equations else plain
         per_sample = report.verdict("conv_per_sample").required
         v1_b4 = analyze(model, tuple(xs.shape[1:]), batch_size=4, exact_rank_limit=1)
         for i in range(cfg.count):
             x = xs[i : i + 1]
-            target = target_for(model, x, torch.tensor([i % 10]))
+            target = target_for(model, x, labels[i : i + 1])
             result = attack.run(target)
             psnr = match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr
             solve = result.solves[0]
@@ -205,7 +234,11 @@ def sweep(cfg: Config) -> None:
                     "seed_v1_b4": v1_b4.verdict("conv_seed_v1").required,
                     "rank_verdict": rank_verdict,
                     "relu_own": own_full[i],
-                    "relu_probe": bool(pred.holds),
+                    # The verdict's rule on the reading matching the attack.
+                    "relu_probe": matching >= HOLDING_FRACTION,
+                    "relu_probe_old": plain == 1.0,
+                    "relu_probe_half_plain": plain >= HOLDING_FRACTION,
+                    "relu_probe_all_matching": matching == 1.0,
                     "elapsed": result.elapsed_s,
                 }
             )
@@ -225,15 +258,17 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
     head = (
         f"{'h':>3} {'runs':>4} {'exact':>5} {'cert':>4} {'median dB':>9} "
         f"{'kept/unk':>8} {'rank ok':>7} {'count ok':>8} {'relu ok':>7} "
-        f"{'own ok':>6} {'probes full':>11}"
+        f"{'own ok':>6} {'8 probes full (no kernel/kernel)':>32}"
     )
     names = [
         "exact-rank verdict (bounds)",
         "per-sample count",
         "ReLU-adjusted count",
         "ReLU exact rank, own sample",
-        "ReLU exact rank, 8 others",
-        "  same, >= half of the 8 full",
+        "8 others, earlier: all 8, no kernel",
+        "  all 8, matching reading",
+        "  >= half, no kernel rows",
+        "8 others, verdict: >= half, matching",
         "best per-(config, h) verdict",
         "attack certificate",
     ]
@@ -264,14 +299,15 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
                 f"{str(rs[0]['rank_verdict']):>7} {str(h >= count):>8} "
                 f"{str(all(r['kept'] >= r['unknowns'] for r in rs)):>7} "
                 f"{sum(r['relu_own'] for r in rs):>3}/{len(rs):<2} "
-                f"{cfg.probe_full[h]:>11.2f}"
+                f"{cfg.probe_full[h][0]:>27.3f}/{cfg.probe_full[h][1]:.3f}"
             )
             n_exact = sum(bool(r["exact"]) for r in rs)
             majority = n_exact * 2 >= len(rs)
             if any(bool(r["relu_probe"]) != r["exact"] for r in rs):
                 misses.append(
                     f"{cfg.label} h={h}: predictive verdict {rs[0]['relu_probe']} "
-                    f"({cfg.probe_full[h]:.2f} of the probes full rank), "
+                    f"({cfg.probe_full[h][0]:.3f} of the probes full rank without "
+                    f"kernel rows, {cfg.probe_full[h][1]:.3f} with), "
                     f"{n_exact}/{len(rs)} runs exact"
                 )
             for r in rs:
@@ -280,8 +316,10 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
                     "per-sample count": h >= count,
                     "ReLU-adjusted count": r["kept"] >= r["unknowns"],
                     "ReLU exact rank, own sample": bool(r["relu_own"]),
-                    "ReLU exact rank, 8 others": bool(r["relu_probe"]),
-                    "  same, >= half of the 8 full": cfg.probe_full[h] >= 0.5,
+                    "8 others, earlier: all 8, no kernel": bool(r["relu_probe_old"]),
+                    "  all 8, matching reading": bool(r["relu_probe_all_matching"]),
+                    "  >= half, no kernel rows": bool(r["relu_probe_half_plain"]),
+                    "8 others, verdict: >= half, matching": bool(r["relu_probe"]),
                     "best per-(config, h) verdict": majority,
                     "attack certificate": bool(r["certified"]),
                 }
@@ -298,19 +336,26 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
     total = len(agree["attack certificate"])
     plain = sum(not k for _, k in agree["attack certificate"])
     print(
-        f"\nagreement with the measured exact/not-exact outcome over {total} runs "
-        f"(and over the {plain} runs without kernel equations, which the ReLU "
-        "verdicts leave out):"
+        f"\nagreement with the measured exact/not-exact outcome over {total} runs, "
+        f"over the {plain} runs without kernel equations and over the "
+        f"{total - plain} with them:"
     )
     rates = {}
+
+    def rate(hits: list[bool]) -> str:
+        share = sum(hits) / len(hits) if hits else float("nan")
+        return f"{sum(hits):>3}/{len(hits):<3} = {share:6.1%}"
+
     for name, pairs in agree.items():
         hits = [a for a, _ in pairs]
-        own = [a for a, k in pairs if not k]
         rates[name] = sum(hits) / len(hits)
-        print(
-            f"   {name:<30} {sum(hits):>3}/{len(hits)} = {rates[name]:6.1%}   "
-            f"{sum(own):>3}/{len(own)} = {sum(own) / len(own):6.1%}"
-        )
+        without = [a for a, k in pairs if not k]
+        with_k = [a for a, k in pairs if k]
+        print(f"   {name:<37} {rate(hits)}   {rate(without)}   {rate(with_k)}")
+    below = sum(cfg.kernel_below for cfg in cfgs)
+    print(
+        f"probe inputs whose rank with kernel rows is below the rank without: {below}"
+    )
     print("misses of the predictive verdict (8 other samples as probe):")
     for line in misses:
         print(f"   {line}")

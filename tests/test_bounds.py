@@ -11,10 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from fl_audit.attacks import AttackTarget, ConvInversion
-from fl_audit.bounds import RANK_RTOL, CapacityReport, analyze
+from fl_audit.bounds import (
+    HOLDING_FRACTION,
+    RANK_RTOL,
+    CapacityReport,
+    _typical_rank,
+    analyze,
+)
 from fl_audit.data import load_samples
 from fl_audit.errors import InvalidInputError, ShapeError
 
@@ -609,6 +617,200 @@ def test_bad_probe_raises_a_typed_error_with_the_fix(
         analyze(model, (1, 10, 10), probe=probe)  # type: ignore[arg-type]
 
     assert "probe" in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Behind a ReLU: kernel-gradient rows and the holding rule
+
+
+def _stride1_cnn(h: int) -> nn.Module:
+    """The bench's C=1 28x28 k5 s1 model: conv -> ReLU -> flatten -> FC."""
+    torch.manual_seed(h)
+    conv = nn.Conv2d(1, h, 5)
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(h * 576, 10)).double()
+
+
+def _attack_one(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kernel: bool
+) -> tuple[bool, int | None]:
+    """ConvInversion on the gradient of one sample: certified, and its solve's rank."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    named = {n: g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+    target = AttackTarget.from_gradients(model, named, tuple(x.shape[1:]))
+    result = ConvInversion(weight_equations=kernel).run(target)
+    return bool(result.certified[0]), result.solves[0].rank
+
+
+def test_kernel_rows_make_the_relu_rank_hold_where_the_plain_rank_does_not() -> None:
+    # Arrange: 2 filters of 5x5, stride 1 on Fashion-MNIST: behind the ReLU the
+    # kept outputs alone determine no input; the kernel gradient's 50 rows
+    # (one sample) complete most of them.
+    model = _stride1_cnn(2)
+    x = load_samples("fashion_mnist", 4, seed=21).inputs.double()
+    y = torch.arange(4)
+
+    # Act
+    report = analyze(model, (1, 28, 28), batch_size=1, probe=x, probe_labels=y)
+    attacks = [
+        [_attack_one(model, x[i : i + 1], y[i : i + 1], kernel) for i in range(4)]
+        for kernel in (False, True)
+    ]
+
+    # Assert: holds reads the rank with the kernel rows, which is the rank of
+    # the very system ConvInversion solves, sample by sample.
+    verdict = report.verdict("conv_exact_rank_relu")
+    q = verdict.quantities
+    assert q["kernel_equations"] is True and q["kernel_rows"] == 50
+    assert q["probe_labels"] == [0, 1, 2, 3] and q["probe_label_source"] == "given"
+    assert q["full_rank_probes"] == 0
+    assert max(q["probe_ranks"]) < 784  # type: ignore[type-var, arg-type]
+    assert q["full_rank_probes_kernel"] == 3
+    assert verdict.holds is True and verdict.actual == 784
+    assert report.risk == "exposed" and "kernel gradient" in report.risk_reason
+    assert [rank for _, rank in attacks[1]] == q["probe_ranks_kernel"]
+    assert [ok for ok, _ in attacks[0]] == [False] * 4
+    assert [ok for ok, _ in attacks[1]] == [r == 784 for r in q["probe_ranks_kernel"]]
+    assert CapacityReport.model_validate_json(report.to_json()) == report
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "local_examples", "used"),
+    [(1, None, True), (None, None, True), (4, None, False), (1, 3, False)],
+)
+def test_kernel_rows_only_for_a_single_sample_gradient(
+    batch_size: int | None, local_examples: int | None, used: bool
+) -> None:
+    # Arrange: the model of the test above; a batch's kernel gradient sums its
+    # samples, so only B_eff = 1 (unknown counts as one, the worst case) adds
+    # the rows.
+    model = _stride1_cnn(2)
+    x = load_samples("fashion_mnist", 2, seed=21).inputs.double()
+
+    # Act
+    report = analyze(
+        model,
+        (1, 28, 28),
+        batch_size=batch_size,
+        local_examples=local_examples,
+        probe=x,
+    )
+
+    # Assert: the rank without the rows is always there; holds reads it for a
+    # batch, and the rows' reading is absent, not merely ignored.
+    verdict = report.verdict("conv_exact_rank_relu")
+    q = verdict.quantities
+    assert q["kernel_equations"] is used
+    assert max(q["probe_ranks"]) < 784  # type: ignore[type-var, arg-type]
+    if used:
+        assert q["probe_label_source"] == "model prediction"
+        assert len(q["probe_labels"]) == 2  # type: ignore[arg-type]
+        assert q["full_rank_probes_kernel"] == 2
+        assert verdict.holds is True and report.risk == "exposed"
+        assert verdict.formula.startswith("rank([A_+; E])")
+    else:
+        assert q["probe_ranks_kernel"] is None and q["kernel_rows"] is None
+        assert verdict.holds is False and report.risk == "partially_exposed"
+        assert verdict.actual == max(q["probe_ranks"])  # type: ignore[type-var, arg-type]
+        assert "kernel gradients sum" in verdict.note
+
+
+def test_relu_rank_holds_when_most_probe_inputs_are_determined() -> None:
+    # Arrange: 3 filters, stride 1: 3 of these 4 images are determined by the
+    # kept outputs alone, the fourth is not (batch of 2: no kernel rows).
+    model = _stride1_cnn(3)
+    x = load_samples("fashion_mnist", 4, seed=21).inputs.double()
+    y = torch.arange(4)
+
+    # Act
+    report = analyze(model, (1, 28, 28), batch_size=2, probe=x)
+    few = analyze(model, (1, 28, 28), batch_size=2, probe=x[3:])
+    certified = [
+        _attack_one(model, x[i : i + 1], y[i : i + 1], False)[0] for i in range(4)
+    ]
+
+    # Assert: at least half determined: holds, and the attack (no kernel
+    # equations) certifies exactly the determined inputs.
+    verdict = report.verdict("conv_exact_rank_relu")
+    q = verdict.quantities
+    assert q["full_rank_probes"] == 3 and q["full_rank_fraction"] == 0.75
+    assert verdict.holds is True and verdict.actual == 784
+    assert "3 of 4" in verdict.outcome and "at least half" in verdict.outcome
+    assert report.risk == "exposed"
+    assert certified == [r == 784 for r in q["probe_ranks"]]  # type: ignore[union-attr]
+    # The undetermined input alone: the verdict fails and says by how much.
+    alone = few.verdict("conv_exact_rank_relu")
+    assert alone.holds is False and alone.actual == q["probe_ranks"][3]  # type: ignore[index]
+    assert few.risk == "partially_exposed"
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=12))
+def test_typical_rank_is_full_exactly_when_half_the_probes_are(
+    full: list[bool],
+) -> None:
+    ranks = [10 if f else 9 - i % 3 for i, f in enumerate(full)]
+
+    typical = _typical_rank(ranks)
+
+    assert (typical == 10) is (sum(full) >= HOLDING_FRACTION * len(full))
+    assert sum(r >= typical for r in ranks) >= HOLDING_FRACTION * len(ranks)
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (torch.tensor([0.0, 1.0]), "integer class indices, got dtype torch.float32"),
+        (torch.tensor([True, False]), "integer class indices, got dtype torch.bool"),
+        (np.array([0.5, 1.0]), "NumPy array of dtype float64"),
+        ([0, "cat"], r"class indices \(int\), got \['int', 'str'\]"),
+        ([True, 1], r"got \['bool', 'int'\]"),
+        (torch.tensor([[0, 1]]), r"1-D .*got shape \(1, 2\); pass class indices"),
+        (torch.tensor([0, 1, 2]), "has 3 label\\(s\\) for 2 probe input\\(s\\)"),
+        ([0, -1], "non-negative class indices, got -1"),
+        ("01", "torch.Tensor, NumPy array or list of class indices, got str"),
+        ([0, 4], r"class indices in \[0, 3\) for a model with 3 outputs, got \[4\]"),
+    ],
+)
+def test_bad_probe_labels_raise_a_typed_error_with_the_fix(
+    labels: object, match: str
+) -> None:
+    # Arrange: a single-sample gradient, so the labels are used.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)
+    )
+    probe = load_samples("cells", 2, size=10, seed=0).inputs
+
+    # Act, Assert
+    with pytest.raises(InvalidInputError, match=match) as info:
+        analyze(model, (1, 10, 10), batch_size=1, probe=probe, probe_labels=labels)  # type: ignore[arg-type]
+    assert "probe_labels" in str(info.value)
+
+
+def test_probe_labels_without_a_probe_are_rejected() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)
+    )
+
+    with pytest.raises(InvalidInputError, match="probe_labels was given without probe"):
+        analyze(model, (1, 10, 10), probe_labels=[0, 1])
+
+
+def test_kernel_rows_left_out_when_the_output_is_not_class_scores() -> None:
+    # Arrange: the model ends in the ReLU's flattened output, no classifier.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (4, 64))
+    )
+    probe = load_samples("cells", 2, size=10, seed=0).inputs
+
+    # Act
+    verdict = analyze(model, (1, 10, 10), probe=probe).verdict("conv_exact_rank_relu")
+
+    # Assert: the plain reading stands, and the note says why.
+    assert verdict.quantities["kernel_equations"] is False
+    assert verdict.holds is not None
+    assert "not a batch of class scores" in verdict.note
 
 
 # --------------------------------------------------------------------------

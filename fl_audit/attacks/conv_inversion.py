@@ -80,6 +80,9 @@ from fl_audit.layers import find_first_layer
 
 __all__ = ["ConvInversion", "ConvInversionResult", "LayerSolve"]
 
+_MAX_KERNEL_ENTRIES = 2**25
+"""Most entries of one convolution's kernel-gradient rows (left out above)."""
+
 
 @dataclass(frozen=True)
 class LayerSolve:
@@ -558,26 +561,10 @@ class ConvInversion(Attack):
                     "equations are left out"
                 )
                 return None
-        idx = _tap_indices(conv, conv_step.in_shape)  # (C*K, L) 1-based, 0 = pad
-        groups = conv.groups
-        per = idx.shape[0] // groups  # C_g * K
-        h_g = h // groups
-        if h * per * idx.shape[1] > 2**25:
+        E = _kernel_rows(conv, conv_step.in_shape, delta)
+        if E is None:
             notes.append(f"{conv_step.label}: too many kernel equations, left out")
             return None
-        rows, cols, vals = [], [], []
-        for gi in range(groups):
-            taps = idx[gi * per : (gi + 1) * per]  # (per, L)
-            D = delta[gi * h_g : (gi + 1) * h_g]  # (h_g, L)
-            j, r, p = np.nonzero(np.broadcast_to(taps[None] > 0, (h_g, *taps.shape)))
-            rows.append((gi * h_g + j) * per + r)
-            cols.append(taps[r, p] - 1)
-            vals.append(D[j, p])
-        n = math.prod(conv_step.in_shape)
-        E = scipy.sparse.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(h * per, n),
-        )
         e = target.gradients[f"{conv_step.name}.weight"].detach().cpu().double().numpy()
         return E, e.reshape(-1)
 
@@ -771,6 +758,40 @@ def _pull_back(
         out.reshape(-1), v, torch.from_numpy(np.ascontiguousarray(delta_out))
     )
     return grad.reshape(-1).numpy()
+
+
+def _kernel_rows(
+    conv: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...], delta: np.ndarray
+) -> scipy.sparse.csr_matrix | None:
+    """The kernel-gradient rows of a convolution, linear in its input ``v``.
+
+    ``dL/dK[j, c, t] = sum_p delta[j, p] * v[input index of tap (c, t) at p]``:
+    one row per kernel entry (``h * C/groups * K`` rows, ``prod(in_shape)``
+    columns), so that ``E @ v`` is the flattened weight gradient. ``delta``
+    ``(h, L)`` is the error at the convolution's output. ``None`` when the
+    rows would hold more than ``_MAX_KERNEL_ENTRIES`` entries. Shared with the capacity
+    bounds (:mod:`fl_audit.bounds`), which add these rows to their rank.
+    """
+    idx = _tap_indices(conv, in_shape)  # (C*K, L) 1-based, 0 = pad
+    h = conv.out_channels
+    groups = conv.groups
+    per = idx.shape[0] // groups  # C_g * K
+    h_g = h // groups
+    if h * per * idx.shape[1] > _MAX_KERNEL_ENTRIES:
+        return None
+    rows, cols, vals = [], [], []
+    for gi in range(groups):
+        taps = idx[gi * per : (gi + 1) * per]  # (per, L)
+        D = delta[gi * h_g : (gi + 1) * h_g]  # (h_g, L)
+        j, r, p = np.nonzero(np.broadcast_to(taps[None] > 0, (h_g, *taps.shape)))
+        rows.append((gi * h_g + j) * per + r)
+        cols.append(taps[r, p] - 1)
+        vals.append(D[j, p])
+    n = math.prod(in_shape)
+    return scipy.sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(h * per, n),
+    )
 
 
 def _tap_indices(conv: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...]) -> np.ndarray:
