@@ -65,6 +65,18 @@ def test_budgets_are_respected(digits: Samples) -> None:
     assert 1 <= len(steps) <= 2
 
 
+@pytest.mark.parametrize("budget", [7, 30, 45])
+def test_the_iteration_budget_is_met_exactly(digits: Samples, budget: int) -> None:
+    # Arrange: budgets that are not multiples of DLG's 20-iteration steps
+    target, _, _ = _target(digits, 2)
+    # Act
+    result = DLGBaseline(max_iterations=budget, time_budget_s=None, progress=False).run(
+        target
+    )
+    # Assert: the last step runs only what is left (it used to run 20)
+    assert any(f"after {budget} iteration(s)" in note for note in result.notes)
+
+
 def test_a_callback_that_returns_true_stops_the_attack(digits: Samples) -> None:
     # Arrange
     target, _, _ = _target(digits, 2)

@@ -229,9 +229,14 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
         callback=lambda x, v, t: steps.append(t),
     )
     counted.run(target)
-    # Assert (slack: one evaluation and the final residual)
+    lbfgs = PriorGuidedReconstruction(
+        max_iterations=33, time_budget_s=None, inits=["uniform"], progress=False
+    ).run(target)
+    # Assert (slack: one evaluation and the final residual); L-BFGS's last
+    # step of 10 runs only the 3 iterations left
     assert result.elapsed_s < 1.5
     assert len(steps) == 7
+    assert "; 33 iteration(s)" in lbfgs.notes[-1]
 
 
 def test_a_callback_that_returns_true_stops_the_attack(digits: Samples) -> None:

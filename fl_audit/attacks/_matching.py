@@ -492,6 +492,15 @@ def run_trial(
             if max_iterations is not None and outcome.iterations >= max_iterations:
                 break
             before = evaluations[0]
+            if optimizer == "lbfgs":
+                # A step runs up to `chunk` iterations; the last one of a
+                # budget runs only what is left of it.
+                left = [chunk]
+                if max_iterations is not None:
+                    left.append(max_iterations - outcome.iterations)
+                if budget.iterations is not None:
+                    left.append(budget.iterations - budget.used_iterations)
+                opt.param_groups[0]["max_iter"] = max(min(left), 1)
             opt.step(closure)  # type: ignore[arg-type]
             if schedule is not None:
                 schedule.step()
