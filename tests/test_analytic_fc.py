@@ -118,6 +118,32 @@ def test_no_false_certificate_on_other_modalities(kind: str):
     assert report.recovered(60.0) >= result.num_certified
 
 
+def test_uncertified_inputs_get_no_arbitrary_label():
+    # Arrange: 4 ECG windows, h = 8. Two are peeled; the last two are read
+    # off exactly but only 2 live units remain, so every label's error signal
+    # fits and no label can be told (measured: both guessed 0 before)
+    samples = load_samples("ecg", 4, seed=11)
+    x = samples.inputs.double()
+    y = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
+    model = _mlp(x[0].numel(), 8, torch.float64)
+    target = AttackTarget.from_gradients(
+        model, _gradient(model, x, y), samples.input_shape, input_range=(0.0, 1.0)
+    )
+
+    # Act
+    result = AnalyticFCInversion().run(target)
+
+    # Assert: certified inputs carry their true label, the others -1
+    report = match_inputs(result.inputs, x, data_range=1.0)
+    assert result.labels is not None
+    for score in report.scores:
+        j = score.recon_index
+        if result.certified[j]:
+            assert int(result.labels[j]) == int(y[score.truth_index])
+    uncertified = result.labels[~result.certified]
+    assert uncertified.numel() == 2 and bool((uncertified == -1).all())
+
+
 def test_fewer_units_than_inputs_certifies_nothing_false(fashion_mnist: Samples):
     # Arrange: h = 8 < B = 16: the gradient cannot hold every input
     x, y = fashion_mnist.inputs[:16].double(), fashion_mnist.labels[:16]

@@ -1040,11 +1040,21 @@ class _ModelCertifier:
         return D, resid
 
     def best_labels(self, grad: _Gradient, candidates: list[np.ndarray]) -> list[int]:
-        """Most consistent label of each (uncertified) candidate: a guess."""
+        """Most consistent label of each (uncertified) candidate: a guess.
+
+        ``-1`` where no label stands out (the runner-up fits within 10x):
+        after peeling, a few live units can hold the error signals of every
+        label, and the "best" one would be an arbitrary pick.
+        """
         if grad.rank == 0:
             return [-1] * len(candidates)
         _, resid = self._residuals(grad, np.stack(candidates))
-        return [int(i) for i in np.argmin(resid, axis=1)]
+        if resid.shape[1] < 2:
+            return [int(i) for i in np.argmin(resid, axis=1)]
+        two = np.sort(resid, axis=1)[:, :2]  # (n, 2)
+        best = np.argmin(resid, axis=1)
+        clear = two[:, 1] > 10.0 * two[:, 0]
+        return [int(b) if ok else -1 for b, ok in zip(best, clear, strict=True)]
 
     def certify(
         self, grad: _Gradient, candidates: list[np.ndarray], tol: _Tolerances
