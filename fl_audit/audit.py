@@ -43,9 +43,16 @@ from fl_audit._logging import logger
 from fl_audit.attacks.base import Attack
 from fl_audit.attacks.registry import create_attack
 from fl_audit.bounds import CapacityReport, analyze
-from fl_audit.config import AttackSpec, AuditConfig
+from fl_audit.config import AttackSpec, AuditConfig, ProbeSpec
 from fl_audit.core import AttackResult, AttackTarget
-from fl_audit.errors import ConfigError, FLAuditError, GradientError
+from fl_audit.data import load_numpy, probe_inputs
+from fl_audit.errors import (
+    ConfigError,
+    FLAuditError,
+    GradientError,
+    InvalidInputError,
+    ShapeError,
+)
 from fl_audit.layers import check_input_shape
 from fl_audit.metrics import match_inputs
 from fl_audit.policy import apply_policy, load_policy
@@ -450,6 +457,9 @@ class Auditor:
         if _worker_of is None:  # a worker's auditor leaves the folder to the server's
             self.writer.write_policy(self.policy.model_dump_json(indent=2))
         self._bounds: dict[tuple[int, int | None, int | None], CapacityReport] = {}
+        # config.probe's inputs, loaded at the first round that needs them.
+        self._probe: torch.Tensor | None = None
+        self._probe_problem: str | None = None
         self.privacy: PrivacySettings | None = config.privacy
         # The global model of the round being audited, shared by its clients.
         self._start: tuple[Mapping[str, np.ndarray], nn.Module] | None = None
@@ -867,15 +877,38 @@ class Auditor:
         key = (server_round, batch, examples)
         if any(k[0] != server_round for k in self._bounds):
             self._bounds.clear()
+        probe = self._probe_inputs(notes)
         if key not in self._bounds:
             try:
                 self._bounds[key] = analyze(
-                    model, self.input_shape, batch_size=batch, local_examples=examples
+                    model,
+                    self.input_shape,
+                    batch_size=batch,
+                    local_examples=examples,
+                    probe=probe,
                 )
             except FLAuditError as exc:
                 notes.append(f"capacity bounds not computed: {exc}")
                 return None
         return self._bounds[key]
+
+    def _probe_inputs(self, notes: list[str]) -> torch.Tensor | None:
+        """``config.probe`` as a tensor, loaded once; a problem becomes a note."""
+        spec = self.config.probe
+        if spec is None:
+            return None
+        if self._probe is None and self._probe_problem is None:
+            try:
+                self._probe = _load_probe(spec, self.input_shape)
+            except (FLAuditError, ImportError, OSError) as exc:
+                self._probe_problem = (
+                    f"probe not loaded ({type(exc).__name__}: {exc}); capacity "
+                    "bounds computed without it"
+                )
+                logger.warning("fl-audit: %s", self._probe_problem)
+        if self._probe_problem is not None:
+            notes.append(self._probe_problem)
+        return self._probe
 
     def _finish(
         self,
@@ -997,6 +1030,45 @@ def _lr_from(train_config: Mapping[str, Any]) -> float | None:
         ):
             return float(value)
     return None
+
+
+def _load_probe(spec: ProbeSpec, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The probe inputs a :class:`~fl_audit.config.ProbeSpec` names.
+
+    Raises
+    ------
+    ShapeError
+        The inputs are not ``(P, *input_shape)`` (or, for a kind, its
+        channels differ from the model's).
+    InvalidInputError
+        The file holds no finite floating-point inputs, or as
+        :func:`fl_audit.data.probe_inputs` / :func:`fl_audit.data.load_numpy`.
+    """
+    if spec.kind is not None:
+        return probe_inputs(spec.kind, spec.count, input_shape, seed=spec.seed)
+    assert spec.path is not None
+    array = load_numpy(spec.path)
+    what = f"probe file {str(spec.path)!r}"
+    if array.dtype.kind != "f":
+        raise InvalidInputError(
+            what,
+            [
+                f"holds {array.dtype} values; save the inputs as floats, scaled as "
+                "the clients feed the model (e.g. x / 255 for 8-bit images)"
+            ],
+        )
+    if tuple(array.shape[1:]) != tuple(input_shape) or array.shape[0] < 1:
+        raise ShapeError(
+            what,
+            [
+                f"holds shape {tuple(array.shape)}, expected (P, "
+                f"{', '.join(map(str, input_shape))}) with P >= 1"
+            ],
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array[: spec.count]))
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidInputError(what, ["holds NaN or infinite values"])
+    return tensor.double()
 
 
 def _counts(meta: ClientMetadata, kind: UpdateKind) -> tuple[int | None, int | None]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from fl_audit import __version__
 from fl_audit.bounds import DEFAULT_EXACT_RANK_LIMIT, CapacityReport, analyze
-from fl_audit.data import load_samples, sample_kinds
+from fl_audit.data import probe_inputs, sample_kinds
 from fl_audit.errors import FLAuditError, InvalidInputError
 
 EXIT_OK = 0
@@ -192,26 +192,14 @@ def _load_probe(
     kind: str, count: int, seed: int, args: argparse.Namespace
 ) -> torch.Tensor:
     """``count`` samples of ``kind`` at the spatial size of ``--input-shape``."""
-    shape = args.input_shape
-    size: int | tuple[int, int] | None
-    if len(shape) == 3:
-        size = (shape[1], shape[2])
-    elif len(shape) == 2:
-        size = shape[1]
-    else:
-        raise CommandError(
-            f"--probe-data: --input-shape {','.join(map(str, shape))} is not "
-            "(C, H, W) or (C, L); the probe samples are images or signals"
-        )
     try:
-        samples = load_samples(kind, count, size=size, seed=seed, at_most=True)
+        return probe_inputs(kind, count, args.input_shape, seed=seed)
     except (ImportError, OSError) as exc:
         raise CommandError(
             f"--probe-data {kind}: the data could not be loaded ({exc}); "
             "install the data extra (pip install fl-audit[data]) or pick another "
             "kind"
         ) from exc
-    return samples.inputs
 
 
 def format_report(report: CapacityReport) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "AttackSpec",
     "AuditConfig",
     "ClientSelection",
+    "ProbeSpec",
 ]
 
 RUN_CONFIG_PREFIX = "audit."
@@ -156,6 +157,49 @@ class ClientSelection(BaseModel):
         return kept, skipped
 
 
+class ProbeSpec(BaseModel):
+    """Real inputs that stand for the clients' data in the capacity bounds.
+
+    Behind a ReLU, whether a convolution's input is determined depends on
+    which outputs the ReLU keeps, i.e. on the input. With a probe, every
+    round's bounds add the exact rank on the outputs kept for these inputs
+    (``conv_exact_rank_relu``, docs/theory.md §3), and a convolution's risk
+    level follows it. ``kind`` names a data set
+    :func:`fl_audit.data.load_samples` knows, resized to the model's input
+    (``count`` samples drawn with ``seed``); ``path`` a ``.npy``/``.npz``
+    file of inputs shaped ``(P, *input_shape)``, scaled as the clients feed
+    the model (its first ``count``). Public data of the same modality is
+    what a curious server has too; the clients' own data never leaves them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str | None = None
+    path: Path | None = None
+    count: int = Field(default=8, ge=1, le=256)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str | None) -> str | None:
+        from fl_audit.data import sample_kinds
+
+        if kind is not None and kind not in sample_kinds():
+            raise ValueError(
+                f"no sample kind {kind!r}; known: {', '.join(sample_kinds())}"
+            )
+        return kind
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProbeSpec:
+        if (self.kind is None) == (self.path is None):
+            raise ValueError(
+                "set kind (a data set of fl_audit.data.load_samples) or path (a "
+                ".npy/.npz file of inputs), exactly one"
+            )
+        return self
+
+
 class AuditConfig(BaseModel):
     """How the audit runs.
 
@@ -235,6 +279,11 @@ class AuditConfig(BaseModel):
         The audit policy (YAML, see docs/reports.md) whose verdicts are
         stored in every round report; ``None`` for the default policy
         shipped with fl-audit.
+    probe:
+        Real inputs for the capacity bounds of a convolution behind a ReLU
+        (:class:`ProbeSpec`), e.g. ``{kind: fashion_mnist}``. Their ranks
+        cost 0.3-3 s a round (1x28x28 to 3x32x32, one core), once per
+        round, on the audit's thread.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -263,6 +312,7 @@ class AuditConfig(BaseModel):
     privacy: PrivacySettings | None = None
     update_noise_std: float | None = Field(default=None, ge=0.0)
     policy: Path | None = None
+    probe: ProbeSpec | None = None
 
     @property
     def runs_in_background(self) -> bool:

@@ -808,6 +808,52 @@ def load_samples(
     return samples
 
 
+def probe_inputs(
+    kind: str, count: int, input_shape: Sequence[int], *, seed: int = 0
+) -> torch.Tensor:
+    """Up to ``count`` samples of ``kind`` at the spatial size of ``input_shape``.
+
+    The representative inputs :func:`fl_audit.bounds.analyze` takes as
+    ``probe``: images are resized to ``(H, W)`` of a ``(C, H, W)`` shape,
+    ECG windows cut to ``L`` of a ``(C, L)`` one. A kind holding fewer
+    samples gives all it has.
+
+    Raises
+    ------
+    ShapeError
+        ``input_shape`` is neither ``(C, H, W)`` nor ``(C, L)``, or its
+        channels differ from those of ``kind``.
+    InvalidInputError, ImportError, FileNotFoundError
+        As :func:`load_samples`.
+    """
+    from fl_audit.errors import ShapeError
+
+    shape = tuple(int(v) for v in input_shape)
+    size: Size
+    if len(shape) == 3:
+        size = (shape[1], shape[2])
+    elif len(shape) == 2:
+        size = shape[1]
+    else:
+        raise ShapeError(
+            "probe input_shape",
+            [
+                f"{shape} is not (C, H, W) or (C, L); the probe samples are images "
+                "or signals"
+            ],
+        )
+    samples = load_samples(kind, count, size=size, seed=seed, at_most=True)
+    if samples.inputs.shape[1] != shape[0]:
+        raise ShapeError(
+            f"probe {kind!r}",
+            [
+                f"its samples have {samples.inputs.shape[1]} channel(s), the model "
+                f"takes {shape[0]}; pick a kind with {shape[0]} channel(s)"
+            ],
+        )
+    return samples.inputs
+
+
 def _parse_hw(size: object, what: str) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)

@@ -141,7 +141,7 @@ def test_bounds_probe_data_of_the_wrong_shape_is_one_line(
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1
-    assert "probe" in err and "(P, 1, 28, 28), got (1, 3, 28, 28)" in err
+    assert "probe 'photos'" in err and "3 channel(s), the model takes 1" in err
 
 
 def test_bounds_local_examples_and_file_path(

@@ -108,3 +108,24 @@ def test_client_selection_is_reproducible_and_explains_skips():
     assert sum("not sampled" in r for r in skipped.values()) == 2
     with pytest.raises(ValueError):
         ClientSelection(count=2, fraction=0.5)
+
+
+def test_a_probe_is_read_from_the_run_config_and_from_yaml(tmp_path):
+    # Arrange
+    yaml_file = tmp_path / "audit.yaml"
+    yaml_file.write_text("probe:\n  kind: fashion_mnist\n  count: 4\n")
+
+    # Act
+    from_run = AuditConfig.from_run_config(
+        {"audit.probe.kind": "ecg", "audit.probe.seed": 3}
+    )
+    from_yaml = AuditConfig.from_yaml(yaml_file)
+
+    # Assert
+    assert from_run.probe is not None
+    assert (from_run.probe.kind, from_run.probe.count, from_run.probe.seed) == (
+        "ecg",
+        8,
+        3,
+    )
+    assert from_yaml.probe is not None and from_yaml.probe.count == 4
