@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
+from torch import nn
 
-from fl_audit.attacks import AttackTarget, DLGBaseline, get_attack
+from fl_audit.attacks import (
+    AttackTarget,
+    DLGBaseline,
+    PriorGuidedReconstruction,
+    get_attack,
+)
 from fl_audit.data import Samples
-from fl_audit.errors import InvalidInputError
+from fl_audit.errors import InvalidInputError, UnsupportedModelError
 from fl_audit.metrics import match_inputs
 
 
@@ -113,3 +119,40 @@ def test_a_diverging_run_is_reported_not_raised(digits: Samples) -> None:
 def test_bad_options_are_refused(options: dict) -> None:
     with pytest.raises(InvalidInputError):
         DLGBaseline(**options)
+
+
+class _TupleOut(nn.Module):
+    """Returns (logits, features), as many models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.relu(self.body(x.flatten(1)))
+        return self.head(z), z
+
+
+@pytest.mark.parametrize("attack_of", [DLGBaseline, PriorGuidedReconstruction])
+def test_a_model_without_one_logits_tensor_is_declined(
+    digits: Samples, attack_of: type
+) -> None:
+    # Arrange
+    model = _TupleOut()
+    x, y = digits.inputs[:1], digits.labels[:1]
+    loss = nn.functional.cross_entropy(model(x)[0], y)
+    grads = dict(
+        zip(
+            [n for n, _ in model.named_parameters()],
+            torch.autograd.grad(loss, list(model.parameters())),
+            strict=True,
+        )
+    )
+    target = AttackTarget.from_gradients(model, grads, (1, 8, 8))
+    attack = attack_of(progress=False, max_iterations=5)
+    # Act
+    verdict = attack.applicability(target)
+    # Assert: declined with the fix, and run raises the typed error
+    assert not verdict and "returns a tuple" in verdict.reason
+    with pytest.raises(UnsupportedModelError, match="tuple"):
+        attack.run(target)

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from fl_audit.attacks.base import Applicability
 from fl_audit.core import AttackTarget
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
+from fl_audit.layers import eval_mode
 
 Distance = Literal["l2", "cosine"]
 LabelSource = Literal["given", "idlg", "counts", "analytic_fc", "optimised"]
@@ -73,6 +75,43 @@ class Budget:
         if self.time_s is not None and self.elapsed >= self.time_s:
             return True
         return self.iterations is not None and self.used_iterations >= self.iterations
+
+
+def logits_applicability(target: AttackTarget) -> Applicability:
+    """Whether the target's model returns class logits, from one forward pass.
+
+    Gradient matching re-runs the model on dummy inputs and takes the
+    cross-entropy of its output, so the output must be one ``(B, C)`` tensor
+    with ``C >= 2``. The pass runs on one zero input, in eval mode, without
+    gradients; the model is left as it was.
+    """
+    first = next(target.model.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else None
+    device = first.device if first is not None else None
+    probe = torch.zeros((1, *target.input_shape), dtype=dtype, device=device)
+    try:
+        with torch.no_grad(), eval_mode(target.model):
+            out = target.model(probe)
+    except Exception as exc:  # the user's model fails on this shape
+        return Applicability(
+            False,
+            f"the model fails on one input of shape {tuple(target.input_shape)}: "
+            f"{type(exc).__name__}: {exc}",
+        )
+    if not isinstance(out, torch.Tensor):
+        return Applicability(
+            False,
+            f"the model returns a {type(out).__name__}, not one tensor of class "
+            "logits (B, C): wrap it so that forward returns the logits the loss "
+            "was taken on",
+        )
+    if out.dim() != 2 or out.shape[1] < 2:
+        return Applicability(
+            False,
+            f"gradient matching needs class logits (B, C) with C >= 2; the model "
+            f"returns shape {tuple(out.shape)}",
+        )
+    return Applicability(True)
 
 
 class SoftenedReLU(nn.Module):
@@ -180,6 +219,12 @@ class MatchingProblem:
     def _num_classes(self, target: AttackTarget) -> int:
         with torch.no_grad():
             out = self.model(torch.zeros(1, *self.input_shape, dtype=self.dtype))
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(
+                f"gradient matching needs the model to return its class logits as "
+                f"one tensor (B, C); it returns a {type(out).__name__}: wrap it so "
+                "that forward returns the logits the loss was taken on"
+            )
         if out.dim() != 2 or out.shape[1] < 2:
             raise UnsupportedModelError(
                 f"gradient matching needs class logits of shape (B, C) with C >= 2; "

@@ -447,7 +447,12 @@ class AnalyticFCInversion(Attack):
                 accepted, plausible = self._certify_cheap_first(
                     target, grad, certifier, tol, notes if round_ == 0 else None, found
                 )
-            except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
+            except (
+                RuntimeError,
+                ValueError,
+                UnsupportedModelError,
+                np.linalg.LinAlgError,
+            ) as exc:
                 # A model that cannot be re-run on candidates (odd outputs,
                 # custom losses) leaves the gradient-only evidence.
                 notes.append(f"model certificate failed ({type(exc).__name__}: {exc})")
@@ -991,7 +996,14 @@ class _ModelCertifier:
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's logits for float64 ``inputs``, in eval mode, at ``state``."""
         with eval_mode(self.model):
-            return functional_call(self.model, self.state, (inputs,))
+            out = functional_call(self.model, self.state, (inputs,))
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(
+                f"the model returns a {type(out).__name__}, not one tensor of class "
+                "logits (B, C); wrap it so that forward returns the logits the loss "
+                "was taken on"
+            )
+        return out
 
     def _infer_classes(self) -> int:
         with torch.no_grad():

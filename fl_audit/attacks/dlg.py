@@ -21,10 +21,11 @@ from fl_audit.attacks._matching import (
     Budget,
     Diverged,
     MatchingProblem,
+    logits_applicability,
     progress_bar,
     run_trial,
 )
-from fl_audit.attacks.base import Attack
+from fl_audit.attacks.base import Applicability, Attack
 from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
@@ -151,6 +152,10 @@ class DLGBaseline(Attack):
             f"DLGBaseline(max_iterations={self.max_iterations}, "
             f"time_budget_s={self.time_budget_s}, line_search={self.line_search})"
         )
+
+    def applicability(self, target: AttackTarget) -> Applicability:
+        """Applies when the model returns class logits (one forward pass)."""
+        return logits_applicability(target)
 
     def run(self, target: AttackTarget) -> AttackResult:
         """Reconstruct the batch behind ``target``'s gradient.

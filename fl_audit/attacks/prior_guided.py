@@ -47,11 +47,12 @@ from fl_audit.attacks._matching import (
     LabelSource,
     MatchingProblem,
     infer_labels,
+    logits_applicability,
     progress_bar,
     run_trial,
 )
 from fl_audit.attacks.analytic_fc import AnalyticFCInversion
-from fl_audit.attacks.base import Attack
+from fl_audit.attacks.base import Applicability, Attack
 from fl_audit.attacks.dlg import Callback, batch_size_of, check_budget
 from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
@@ -344,6 +345,10 @@ class PriorGuidedReconstruction(Attack):
         return tuple(plan[: self.restarts])
 
     # --------------------------------------------------------------------- run
+
+    def applicability(self, target: AttackTarget) -> Applicability:
+        """Applies when the model returns class logits (one forward pass)."""
+        return logits_applicability(target)
 
     def run(self, target: AttackTarget) -> AttackResult:
         """Reconstruct the batch behind ``target``'s gradient.
