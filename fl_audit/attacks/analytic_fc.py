@@ -625,10 +625,11 @@ def _units_certified(grad: _Gradient, tol: _Tolerances) -> list[_Found]:
     the same mixture to a few 1e-5 (measured on a float32 FedAvg update of
     Fashion-MNIST garments: 1.3e-5). When the rounding of each gradient entry
     is known, two units must also agree within the noise their own ratios
-    carry: a ratio ``G[i] / g[i]`` is off by about ``rounding * (sqrt(d) /
-    |x| + 1) / |g_i|`` (relative), so units with a large bias gradient must
-    agree more tightly (measured: true pairs at 0.08-0.17 of this bound, the
-    mixture at 1.7).
+    carry: a ratio ``G[i] / g[i]`` is off by about ``(rounding * (sqrt(d) +
+    |x|) + peeled) / (|g_i| |x|)`` (relative), with ``peeled`` the largest
+    singular value peeling dropped (what peeled inputs left in the rows). So
+    units with a large bias gradient must agree more tightly (measured:
+    true pairs at 0.08-0.17 of this bound, the mixture at 1.7).
     """
     live = _live_units(grad)
     if live.size < 2:
