@@ -439,7 +439,7 @@ class TrialOutcome:
 
     best_objective: float
     iterations: int
-    stopped: str  # "converged", "stalled", "budget", "cancelled", "max_iterations"
+    stopped: str  # converged, stalled, settled, budget, cancelled, max_iterations
     history: list[tuple[float, int, float]] = field(default_factory=list)
 
 
@@ -460,13 +460,20 @@ def run_trial(
     project: Callable[[], None] | None = None,
     on_step: Callable[[int, float, list[torch.Tensor]], None] | None = None,
     keep_best: bool = True,
+    settle: tuple[float, float] | None = None,
 ) -> TrialOutcome:
     """Minimise ``objective`` over ``variables`` until a stop rule fires.
 
     Stops on: ``objective <= tolerance`` (converged), no relative
     improvement of ``min_improvement`` within ``patience`` iterations
     (stalled), the shared ``budget``, or ``max_iterations`` for this trial.
-    The variables are left at the best point seen when ``keep_best``.
+    With ``settle = (objective_below, step)``, also once the objective is
+    below ``objective_below`` and the best point has moved by at most
+    ``step`` (largest entry change) over the last ``patience`` iterations
+    ("settled"): a slow tail of linear convergence still improves the
+    objective by more than ``min_improvement`` while the answer no longer
+    changes at any resolution that matters. The variables are left at the
+    best point seen when ``keep_best``.
 
     Raises
     ------
@@ -528,6 +535,9 @@ def run_trial(
 
     outcome = TrialOutcome(math.inf, 0, "max_iterations")
     last_best, last_best_iter = math.inf, 0
+    # The best point at the start of the current settle window.
+    anchor: list[torch.Tensor] | None = None
+    anchor_iter = 0
     done_iter = [0]
     try:
         while True:
@@ -563,6 +573,20 @@ def run_trial(
             if best[0] <= tolerance:
                 outcome.stopped = "converged"
                 break
+            if settle is not None and best[0] <= settle[0]:
+                if anchor is None:
+                    anchor = [b.clone() for b in best_state]
+                    anchor_iter = outcome.iterations
+                elif outcome.iterations - anchor_iter >= patience:
+                    moved = max(
+                        float((b - a).abs().max())
+                        for b, a in zip(best_state, anchor, strict=True)
+                    )
+                    if moved <= settle[1]:
+                        outcome.stopped = "settled"
+                        break
+                    anchor = [b.clone() for b in best_state]
+                    anchor_iter = outcome.iterations
             if best[0] < last_best * (1.0 - min_improvement):
                 last_best, last_best_iter = best[0], outcome.iterations
             elif outcome.iterations - last_best_iter >= patience:

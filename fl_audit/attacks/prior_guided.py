@@ -57,6 +57,7 @@ from fl_audit.attacks.dlg import Callback, batch_size_of, check_budget
 from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import FLAuditError, InvalidInputError
+from fl_audit.metrics import match_inputs
 
 _INITS = ("analytic", "mean", "centre", "uniform", "normal")
 _LABEL_MODES = ("auto", "optimise")
@@ -129,6 +130,26 @@ class PriorGuidedReconstruction(Attack):
         Step size; ``None``: 1 for L-BFGS, 0.1 for Adam.
     accept_residual:
         A trial whose residual falls below this ends the restarts.
+    agree_db:
+        Restarts also end when a trial's answer agrees with an earlier
+        trial's to at least this PSNR (over the input range, inputs matched
+        one to one): two starts that reach the same answer show that more
+        starts would reach it too. Measured on 32x32 photos and a ReLU CNN:
+        three uniform starts agreed with each other to 14-35 dB where all
+        failed (19-21 dB to the truth, a systematic answer rather than a bad
+        start) and to 37-60 dB where all succeeded. ``None`` runs every
+        trial of the plan.
+    settle_step, settle_residual:
+        The final polish (without the prior) ends once the residual is
+        below ``settle_residual`` and the answer has moved by at most
+        ``settle_step`` of the input range (largest pixel change) over
+        ``patience`` iterations: its slow tail then still lowers the
+        distance by more than 0.1 % per ``patience`` iterations, but
+        changes the answer by less than a quarter of an 8-bit grey level.
+        Measured on a Fashion-MNIST garment (sigmoid LeNet): 30 dB after
+        0.3 s, 64.5 dB after 2 s, then 7 dB more in 16 s, to the
+        iteration budget. ``settle_step=None`` polishes to the budget.
+        L2 distance only.
     tolerance:
         Stop a trial when the normalised L2 distance falls below it.
     patience:
@@ -205,6 +226,9 @@ class PriorGuidedReconstruction(Attack):
         optimizer: str = "lbfgs",
         lr: float | None = None,
         accept_residual: float = 1e-5,
+        agree_db: float | None = 30.0,
+        settle_step: float | None = 1e-3,
+        settle_residual: float = 1e-3,
         tolerance: float = 1e-10,
         patience: int | None = None,
         precision: str = "float64",
@@ -277,6 +301,27 @@ class PriorGuidedReconstruction(Attack):
         ):
             if not (isinstance(value, int | float) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")
+        if agree_db is not None and not (
+            isinstance(agree_db, int | float)
+            and not isinstance(agree_db, bool)
+            and math.isfinite(agree_db)
+            and agree_db > 0
+        ):
+            problems.append(
+                f"agree_db must be a positive number of dB (e.g. 30) or None, got "
+                f"{agree_db!r}"
+            )
+        for name, number in (
+            ("settle_step", settle_step),
+            ("settle_residual", settle_residual),
+        ):
+            if number is not None and not (
+                isinstance(number, int | float)
+                and not isinstance(number, bool)
+                and math.isfinite(number)
+                and number > 0
+            ):
+                problems.append(f"{name} must be a positive number, got {number!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
         if isinstance(relu_smoothing, str) or not all(
@@ -304,6 +349,9 @@ class PriorGuidedReconstruction(Attack):
         self.optimizer = optimizer
         self.lr = lr if lr is not None else (1.0 if optimizer == "lbfgs" else 0.1)
         self.accept_residual = float(accept_residual)
+        self.agree_db = None if agree_db is None else float(agree_db)
+        self.settle_step = None if settle_step is None else float(settle_step)
+        self.settle_residual = float(settle_residual)
         self.tolerance = float(tolerance)
         self.patience = patience
         self.precision = precision
@@ -329,6 +377,27 @@ class PriorGuidedReconstruction(Attack):
         if self.patience is not None:
             return self.patience
         return 50 if has_relus else 100
+
+    def _agreement(self, trials: list[_Trial], target: AttackTarget) -> str | None:
+        """A note when the newest trial agrees with an earlier one, else None."""
+        if self.agree_db is None or len(trials) < 2:
+            return None
+        newest = trials[-1].x
+        for j, earlier in enumerate(trials[:-1]):
+            if target.input_range is not None:
+                span = target.input_range[1] - target.input_range[0]
+            else:
+                span = float(earlier.x.max() - earlier.x.min())
+            if span <= 0:
+                continue
+            psnr = match_inputs(newest, earlier.x, data_range=span).median_psnr
+            if psnr >= self.agree_db:
+                return (
+                    f"trials {j + 1} and {len(trials)} (different starts) agree to "
+                    f"{min(psnr, 999.0):.1f} dB (agree_db={self.agree_db:g}): "
+                    "restarts stopped"
+                )
+        return None
 
     def _init_plan(
         self, has_reference: bool, has_analytic: bool = True
@@ -439,6 +508,10 @@ class PriorGuidedReconstruction(Attack):
                     trial.stopped,
                 )
                 if trial.residual <= self.accept_residual:
+                    break
+                agreement = self._agreement(trials, target)
+                if agreement is not None:
+                    notes.append(agreement)
                     break
         finally:
             bar.close()
@@ -715,6 +788,18 @@ class PriorGuidedReconstruction(Attack):
 
     # ------------------------------------------------------------------ trial
 
+    def _settle(self, box: tuple[float, float]) -> tuple[float, float] | None:
+        """When the polish has settled: ``(objective below, step)`` or None.
+
+        The polish (no prior) stops once the residual is below
+        ``settle_residual`` and the answer moves by at most
+        ``settle_step`` of the input range over ``patience`` iterations.
+        Only for the L2 distance, whose objective is the squared residual.
+        """
+        if self.settle_step is None or self.distance != "l2":
+            return None
+        return self.settle_residual**2, self.settle_step * (box[1] - box[0])
+
     def _phases(self, has_relus: bool) -> list[tuple[float | None, float]]:
         """``(ReLU ramp width or None for the exact model, prior factor)``."""
         phases: list[tuple[float | None, float]] = []
@@ -802,6 +887,11 @@ class PriorGuidedReconstruction(Attack):
                     tolerance=self.tolerance,
                     explode_factor=1e4,
                     on_step=on_step,
+                    settle=(
+                        self._settle(box)
+                        if fraction is None and prior_factor == 0
+                        else None
+                    ),
                 )
             finally:
                 problem.soften(None, x)
