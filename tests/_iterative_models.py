@@ -35,7 +35,9 @@ def dlg_init(model: nn.Module, seed: int) -> nn.Module:
 
 
 def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    loss = nn.functional.cross_entropy(model(x), y)
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out  # TupleOut below
+    loss = nn.functional.cross_entropy(logits, y)
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return dict(zip(names, grads, strict=True))
@@ -56,3 +58,16 @@ class SmallReLUCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))
+
+
+class TupleOut(nn.Module):
+    """An MLP that returns (logits, features), as many models do."""
+
+    def __init__(self, d: int, h: int, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(d, h), nn.Linear(h, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.relu(self.body(x.flatten(1)))
+        return self.head(z), z

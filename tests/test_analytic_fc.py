@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _iterative_models import TupleOut, gradients
 from torch import nn
 
 from fl_audit.attacks import AnalyticFCInversion, AttackTarget
@@ -289,35 +290,14 @@ def _fedavg_target(
     )
 
 
-class _TupleOut(nn.Module):
-    """An MLP that returns (logits, features), as many models do."""
-
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body, self.head = nn.Linear(d, h), nn.Linear(h, 10)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.relu(self.body(x.flatten(1)))
-        return self.head(z), z
-
-
 def test_a_model_without_one_logits_tensor_keeps_the_gradient_evidence(
     fashion_mnist: Samples,
 ):
     # Arrange: the model certificate cannot run on a tuple output
     x, y = fashion_mnist.inputs[:4].double(), fashion_mnist.labels[:4]
-    model = _TupleOut(784, 8).double()
-    loss = nn.functional.cross_entropy(model(x)[0], y)
-    grads = dict(
-        zip(
-            [n for n, _ in model.named_parameters()],
-            torch.autograd.grad(loss, list(model.parameters())),
-            strict=True,
-        )
-    )
+    model = TupleOut(784, 8).double()
     target = AttackTarget.from_gradients(
-        model, grads, (1, 28, 28), input_range=(0.0, 1.0)
+        model, gradients(model, x, y), (1, 28, 28), input_range=(0.0, 1.0)
     )
 
     # Act

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from _iterative_models import SmallSigmoidCNN, dlg_init, gradients
-from torch import nn
+from _iterative_models import SmallSigmoidCNN, TupleOut, dlg_init, gradients
 
 from fl_audit.attacks import (
     AttackTarget,
@@ -121,34 +120,14 @@ def test_bad_options_are_refused(options: dict) -> None:
         DLGBaseline(**options)
 
 
-class _TupleOut(nn.Module):
-    """Returns (logits, features), as many models do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.relu(self.body(x.flatten(1)))
-        return self.head(z), z
-
-
 @pytest.mark.parametrize("attack_of", [DLGBaseline, PriorGuidedReconstruction])
 def test_a_model_without_one_logits_tensor_is_declined(
     digits: Samples, attack_of: type
 ) -> None:
     # Arrange
-    model = _TupleOut()
+    model = TupleOut(64, 16)
     x, y = digits.inputs[:1], digits.labels[:1]
-    loss = nn.functional.cross_entropy(model(x)[0], y)
-    grads = dict(
-        zip(
-            [n for n, _ in model.named_parameters()],
-            torch.autograd.grad(loss, list(model.parameters())),
-            strict=True,
-        )
-    )
-    target = AttackTarget.from_gradients(model, grads, (1, 8, 8))
+    target = AttackTarget.from_gradients(model, gradients(model, x, y), (1, 8, 8))
     attack = attack_of(progress=False, max_iterations=5)
     # Act
     verdict = attack.applicability(target)

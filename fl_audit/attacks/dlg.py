@@ -34,16 +34,21 @@ Callback = Callable[[torch.Tensor, float, float], bool | None]
 """``callback(best_input, objective, elapsed_s)``; a true return stops the attack."""
 
 
+def positive_number(value: object) -> bool:
+    """Whether ``value`` is a finite real number above 0 (a bool is not)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 def check_budget(
     problems: list[str], time_budget_s: object, max_iterations: object
 ) -> None:
     """Append a message per invalid budget argument to ``problems``."""
-    if time_budget_s is not None and not (
-        isinstance(time_budget_s, int | float)
-        and not isinstance(time_budget_s, bool)
-        and math.isfinite(time_budget_s)
-        and time_budget_s > 0
-    ):
+    if time_budget_s is not None and not positive_number(time_budget_s):
         problems.append(
             f"time_budget_s must be a positive number of seconds or None, "
             f"got {time_budget_s!r}"

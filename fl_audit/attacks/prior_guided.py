@@ -53,7 +53,12 @@ from fl_audit.attacks._matching import (
 )
 from fl_audit.attacks.analytic_fc import AnalyticFCInversion
 from fl_audit.attacks.base import Applicability, Attack
-from fl_audit.attacks.dlg import Callback, batch_size_of, check_budget
+from fl_audit.attacks.dlg import (
+    Callback,
+    batch_size_of,
+    check_budget,
+    positive_number,
+)
 from fl_audit.attacks.registry import register_attack
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import FLAuditError, InvalidInputError
@@ -301,27 +306,14 @@ class PriorGuidedReconstruction(Attack):
         ):
             if not (isinstance(value, int | float) and value >= 0):
                 problems.append(f"{name} must be a number >= 0, got {value!r}")
-        if agree_db is not None and not (
-            isinstance(agree_db, int | float)
-            and not isinstance(agree_db, bool)
-            and math.isfinite(agree_db)
-            and agree_db > 0
+        for name, number, kind in (
+            ("agree_db", agree_db, "a positive number of dB (e.g. 30) or None"),
+            ("settle_step", settle_step, "a positive fraction of the range or None"),
+            ("settle_residual", settle_residual, "a positive number"),
         ):
-            problems.append(
-                f"agree_db must be a positive number of dB (e.g. 30) or None, got "
-                f"{agree_db!r}"
-            )
-        for name, number in (
-            ("settle_step", settle_step),
-            ("settle_residual", settle_residual),
-        ):
-            if number is not None and not (
-                isinstance(number, int | float)
-                and not isinstance(number, bool)
-                and math.isfinite(number)
-                and number > 0
-            ):
-                problems.append(f"{name} must be a positive number, got {number!r}")
+            optional = name != "settle_residual"
+            if not (optional and number is None) and not positive_number(number):
+                problems.append(f"{name} must be {kind}, got {number!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
         if isinstance(relu_smoothing, str) or not all(
