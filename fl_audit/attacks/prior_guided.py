@@ -24,7 +24,10 @@ at a time, what makes DLG slow and unreliable:
   shrinking continuous ramp, so the line search sees a continuous distance;
 * restarts from several initialisations, keeping the trial whose gradient
   matches best (ground truth is never used), and a NaN/Inf or exploding
-  objective restarts the trial rather than ending the attack.
+  objective restarts the trial rather than ending the attack;
+* no compute spent once the answer is known: restarts end when two trials
+  from different starts agree, and the polish ends once the answer has
+  settled (see ``agree_db`` and ``settle_step``).
 
 The result's ``residual`` is the relative gradient distance
 ``||g(x) - g_obs|| / ||g_obs||`` of the returned inputs.
