@@ -485,6 +485,11 @@ class Auditor:
             allow_ground_truth=self.config.allow_ground_truth,
             train_config=dumps_scalar_config(dict(train_config or {})),
             privacy=self.privacy,
+            probe=(
+                None
+                if self.config.probe is None
+                else self.config.probe.model_dump(mode="json")
+            ),
         )
 
     # --------------------------------------------------------------- a round

@@ -292,6 +292,11 @@ class RunSettings(BaseModel):
         default_factory=dict, description="scalars the server sent with the round"
     )
     privacy: PrivacySettings | None = None
+    probe: dict[str, Any] | None = Field(
+        default=None,
+        description="the real inputs the capacity bounds were given (the audit "
+        "config's probe: kind or path, count, seed), if any",
+    )
 
 
 class RoundReport(BaseModel):

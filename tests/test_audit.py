@@ -72,6 +72,8 @@ def test_a_probe_kind_gives_the_relu_rank_in_the_round_report(
     assert relu.holds is not None
     assert client.risk == client.capacity.risk
     assert "probe" in client.capacity.risk_reason
+    probe = auditor.settings().probe
+    assert probe is not None and (probe["kind"], probe["count"]) == ("fashion_mnist", 3)
 
 
 def test_a_probe_file_is_read_and_its_first_count_inputs_used(
