@@ -178,6 +178,21 @@ def test_the_page_has_every_section_and_refers_to_nothing_outside_itself(tmp_pat
     assert "45.0 dB (1/1)" in html
 
 
+def test_the_overview_names_the_bounds_probe(tmp_path):
+    # Arrange: the mixed run has no probe; a second run has one
+    plain = _page(tmp_path)
+    rounds = [round_report(1, [client("partition-0")])]
+    rounds[0].settings.probe = {"kind": "fashion_mnist", "count": 8, "seed": 0}
+    run = load_run(write_run(tmp_path / "probed", rounds), None)
+
+    # Act
+    probed = render_html(run, tmp_path / "probed.html").read_text()
+
+    # Assert
+    assert "none: a convolution behind a ReLU is judged on its whole output" in plain
+    assert "fashion_mnist, up to 8 input(s) (seed 0)" in probed
+
+
 def _thumbnail_run(folder: Path, kind: str, simulation: bool) -> Path:
     """One round, one client, two real inputs and slightly wrong reconstructions."""
     samples = load_samples(kind, 2, seed=0)
