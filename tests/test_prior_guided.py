@@ -364,8 +364,8 @@ def test_matching_problem_swaps_relus_without_changing_the_gradient() -> None:
     assert all(torch.allclose(g, observed[n]) for g, n in pairs)
 
 
-def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
-    # Arrange: a real 16x16 Fashion-MNIST image, ReLU CNN, PyTorch's init
+def _relu_garment() -> tuple[AttackTarget, torch.Tensor]:
+    """A 16x16 Fashion-MNIST garment's gradient on a default-init ReLU CNN."""
     fashion = load_samples("fashion_mnist", 2, size=16, seed=0)
     x, y = fashion.inputs[:1], fashion.labels[:1] % 10
     torch.manual_seed(0)
@@ -373,6 +373,12 @@ def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
     target = AttackTarget.from_gradients(
         model, gradients(model, x, y), fashion.input_shape, input_range=(0.0, 1.0)
     )
+    return target, x
+
+
+def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
+    # Arrange: a real 16x16 Fashion-MNIST image, ReLU CNN, PyTorch's init
+    target, x = _relu_garment()
 
     def attack(smoothing: tuple[float, ...]) -> float:
         result = PriorGuidedReconstruction(
@@ -393,13 +399,7 @@ def test_relu_smoothing_recovers_a_default_init_relu_cnn() -> None:
 
 def test_trials_cycle_through_the_tv_weights_and_keep_the_best_match() -> None:
     # Arrange: a real 16x16 Fashion-MNIST image, ReLU CNN, PyTorch's init
-    fashion = load_samples("fashion_mnist", 2, size=16, seed=0)
-    x, y = fashion.inputs[:1], fashion.labels[:1] % 10
-    torch.manual_seed(0)
-    model = SmallReLUCNN(1, 16)
-    target = AttackTarget.from_gradients(
-        model, gradients(model, x, y), fashion.input_shape, input_range=(0.0, 1.0)
-    )
+    target, _ = _relu_garment()
     options = dict(
         time_budget_s=120,
         max_iterations=2000,

@@ -726,11 +726,9 @@ def _face_vertices(
     V, last = basis[:-1], basis[-1]
     r = V.shape[1]
     rng = np.random.default_rng(seed)
-    mags = np.abs(grad.g)
-    live = np.flatnonzero(mags > 1e-6 * mags.max()) if mags.size else np.zeros(0, int)
     out: list[np.ndarray] = []
     faces: set[bytes] = set()
-    for i in live:
+    for i in _live_units(grad):
         ratio = grad.G[i] / grad.g[i]  # (d,)
         at_lo = np.abs(ratio - lo) <= near
         at_hi = np.abs(ratio - hi) <= near
@@ -976,9 +974,11 @@ class _ModelCertifier:
         # certifier's own, so replayed local steps never touch the target.
         self.model = target.model
         self.state = {
-            name: tensor.detach().to("cpu", torch.float64, copy=True)
-            if tensor.is_floating_point()
-            else tensor.detach().to("cpu", copy=True)
+            name: tensor.detach().to(
+                "cpu",
+                torch.float64 if tensor.is_floating_point() else tensor.dtype,
+                copy=True,
+            )
             for name, tensor in (
                 *target.model.named_parameters(),
                 *target.model.named_buffers(),

@@ -378,11 +378,9 @@ class PriorGuidedReconstruction(Attack):
         if self.agree_db is None or len(trials) < 2:
             return None
         newest = trials[-1].x
+        box = target.input_range
         for j, earlier in enumerate(trials[:-1]):
-            if target.input_range is not None:
-                span = target.input_range[1] - target.input_range[0]
-            else:
-                span = float(earlier.x.max() - earlier.x.min())
+            span = box[1] - box[0] if box else float(earlier.x.max() - earlier.x.min())
             if span <= 0:
                 continue
             psnr = match_inputs(newest, earlier.x, data_range=span).median_psnr
