@@ -12,6 +12,7 @@ from fl_audit.attacks import (
     ConvInversionResult,
     create_attack,
 )
+from fl_audit.attacks._chain import conv_operator
 from fl_audit.data import Samples, load_samples
 from fl_audit.errors import InvalidInputError, UnsupportedModelError
 from fl_audit.metrics import match_inputs
@@ -391,8 +392,9 @@ def test_multi_step_update_and_linear_first_layer_are_declined(fashion4):
 def test_options_are_checked_and_the_attack_is_registered():
     # Arrange / Act / Assert
     with pytest.raises(InvalidInputError) as err:
-        ConvInversion(dense_limit=0, max_batch=-1, weight_equations="yes")  # type: ignore[arg-type]
-    assert len(err.value.problems) == 3
+        ConvInversion(dense_limit=-1, max_batch=-1, weight_equations="yes", tolerance=2)  # type: ignore[arg-type]
+    assert len(err.value.problems) == 4
+    assert "tolerance" in str(err.value)
     assert isinstance(create_attack("conv_inversion"), ConvInversion)
 
 
@@ -436,3 +438,73 @@ def test_general_convolutions_with_kernel_equations(conv):
     assert solve.weight_equations == conv.weight.numel()
     assert result.num_certified == 1
     assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 100.0
+
+
+@pytest.mark.parametrize(
+    ("conv", "in_shape"),
+    [
+        (nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 9, 8)),
+        (
+            nn.Conv2d(
+                4,
+                6,
+                (3, 2),
+                dilation=(2, 1),
+                groups=2,
+                padding=2,
+                padding_mode="reflect",
+            ),
+            (4, 7, 6),
+        ),
+        (
+            nn.Conv2d(2, 5, 3, padding="same", padding_mode="circular", bias=False),
+            (2, 5, 6),
+        ),
+        (nn.Conv1d(2, 3, 5, stride=3, padding=2), (2, 17)),
+    ],
+)
+def test_a_convolutions_written_matrix_is_the_convolution(conv, in_shape):
+    # Arrange
+    torch.manual_seed(0)
+    conv = conv.double()
+    v = torch.randn(3, *in_shape, dtype=torch.float64)
+    # Act
+    op = conv_operator(conv, in_shape)
+    # Assert
+    with torch.no_grad():
+        want = conv(v).flatten(1).numpy()
+    got = (op.A @ v.flatten(1).numpy().T).T + op.b
+    assert op.A.shape == (want.shape[1], v[0].numel())
+    assert abs(got - want).max() <= 1e-12 * abs(want).max()
+
+
+def test_a_loose_tolerance_gives_a_close_uncertified_input(fashion4):
+    # Arrange: one garment, conv -> ReLU -> FC, every solve by LSMR
+    x = fashion4[:1]
+    model = _conv_classifier(x, 8, 5, 1, 0)
+    # Act
+    exact = _attack(model, x, dense_limit=0)
+    loose = _attack(model, x, dense_limit=0, tolerance=1e-6)
+    # Assert: machine precision is certified; the loose solve is close, not exact
+    psnr = [
+        match_inputs(r.inputs, x, data_range=1.0).scores[0].psnr for r in (exact, loose)
+    ]
+    assert exact.certificates == ["rank+residual"] and psnr[0] >= 100.0
+    assert loose.certificates == [""] and 30.0 <= psnr[1] < psnr[0]
+    assert exact.solves[0].solver == loose.solves[0].solver == "lsmr"
+
+
+def test_an_underdetermined_walk_stops_when_asked(fashion4):
+    # Arrange: 4 stride-2 filters see 784 pixels through at most 4 * 14 * 14
+    # = 784 outputs (about half kept by the ReLU) + 100 kernel equations
+    x = fashion4[:1]
+    model = _conv_classifier(x, 4, 5, 2, 2)
+    # Act
+    solved = _attack(model, x)
+    stopped = _attack(model, x, stop_underdetermined=True)
+    # Assert
+    assert solved.solves[0].solver == "cholesky"
+    (skip,) = stopped.solves
+    assert skip.solver == "skipped" and not stopped.certified.any()
+    assert skip.kept + skip.weight_equations < skip.unknowns == 784
+    assert any("the walk down stops there" in n for n in stopped.notes)

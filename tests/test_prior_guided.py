@@ -269,10 +269,11 @@ def test_time_and_iteration_budgets_are_respected(digits: Samples) -> None:
     lbfgs = PriorGuidedReconstruction(
         max_iterations=33, time_budget_s=None, inits=["uniform"], progress=False
     ).run(target)
-    # Assert (slack: one evaluation and the final residual); L-BFGS's last
+    # Assert (slack: one evaluation and the final residual); the callback
+    # sees the trial's start, then each of the 7 Adam steps; L-BFGS's last
     # step of 10 runs only the 3 iterations left
     assert result.elapsed_s < 1.5
-    assert len(steps) == 7
+    assert len(steps) == 1 + 7
     assert "; 33 iteration(s)" in lbfgs.notes[-1]
 
 
@@ -420,3 +421,85 @@ def test_trials_cycle_through_the_tv_weights_and_keep_the_best_match() -> None:
     assert both.residual <= first.residual
     weight = "30" if both.residual == first.residual else "3,"
     assert f"TV weight {weight}" in note
+
+
+def test_a_determined_conv_chain_gives_a_close_start() -> None:
+    # Arrange: a garment behind DLG's LeNet (three 5x5 convolutions with
+    # sigmoid, then FC): every layer of the walk down from the FC layer has
+    # at least as many equations as unknowns
+    garment = load_samples("fashion_mnist", 1, seed=3)
+    x = garment.inputs.double()
+    model = dlg_init(_LeNet(), 0).double()
+    assert garment.labels is not None
+    target = AttackTarget.from_gradients(
+        model,
+        gradients(model, x, garment.labels),
+        garment.input_shape,
+        batch_size=1,
+        input_range=(0.0, 1.0),
+    )
+    starts: list[torch.Tensor] = []
+
+    def first(inputs: torch.Tensor, _value: float, _elapsed: float) -> bool:
+        starts.append(inputs)
+        return True  # stop at the start
+
+    # Act
+    result = PriorGuidedReconstruction(progress=False, callback=first).run(target)
+    # Assert: the start is the loose conv_inversion solve, its label kept
+    assert any(n.startswith("analytic start: conv_inversion") for n in result.notes)
+    assert "labels: conv_inversion" in result.notes[-1]
+    assert len(starts) == 1
+    assert match_inputs(starts[0], x, data_range=1.0).scores[0].psnr >= 30.0
+
+
+def test_an_inconsistent_conv_start_is_not_used(digits: Samples) -> None:
+    # Arrange: an 8x8 digit behind the small sigmoid CNN: its stride-2 layer
+    # has 420 equations for 384 unknowns, but rank 336 (dense certificate),
+    # so the loose solve is a minimum-norm guess the layer below cannot fit
+    target, _ = _target(digits, slice(2, 3), seed=2)
+    # Act
+    result = PriorGuidedReconstruction(progress=False, callback=lambda *_: True).run(
+        target
+    )
+    # Assert
+    assert any(
+        n.startswith("no conv_inversion start: its walk down is inconsistent")
+        for n in result.notes
+    ), result.notes
+    assert "uniform start" in result.notes[-1]
+
+
+class _LeNet(nn.Module):
+    """DLG's LeNet for 28x28 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 12, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2),
+            nn.Sigmoid(),
+        )
+        self.fc = nn.Linear(12 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def test_an_underdetermined_conv_chain_starts_from_noise() -> None:
+    # Arrange: a 28x28 garment: the stride-2 convolution's 4,704 inputs
+    # meet at most 1,500 equations
+    garments = load_samples("fashion_mnist", 1, seed=0)
+    target, _ = _target(garments, slice(0, 1), seed=0)
+    # Act
+    result = PriorGuidedReconstruction(progress=False, callback=lambda *_: True).run(
+        target
+    )
+    # Assert
+    assert any(
+        n.startswith("no conv_inversion start: a layer") for n in result.notes
+    ), result.notes
+    assert "uniform start" in result.notes[-1]

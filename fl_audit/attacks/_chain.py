@@ -13,8 +13,9 @@ behind a ReLU); it needs no FC layer above.
 
 The chain is cut at its element-wise nonlinearities into *segments* of
 linear (affine) modules. :func:`segment_operator` turns a segment into a
-sparse matrix by probing it with groups of basis vectors whose outputs do not
-overlap (a graph colouring of the input grid), so the cost grows with the
+sparse matrix: a convolution's is written down from its weights, any other
+module's is found by probing it with groups of basis vectors whose outputs do
+not overlap (a graph colouring of the input grid), so the cost grows with the
 number of non-zeros, not with the size of a dense operator.
 
 Notes
@@ -37,6 +38,7 @@ import numpy as np
 import scipy.sparse
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from fl_audit.errors import UnsupportedModelError
 
@@ -437,6 +439,88 @@ class Operator:
 
 
 def segment_operator(seg: Segment, max_entries: int = 2**23) -> Operator:
+    """Assemble the sparse matrix of a segment.
+
+    A convolution's matrix is written down from its weights and the input
+    index each of its taps reads (:func:`tap_indices`); reshapes are the
+    identity; any other linear module (pooling, eval-mode BatchNorm) is
+    probed on its own by :func:`probe_operator`. The product is checked
+    against the segment on random vectors; should that check fail, the
+    whole segment is probed instead.
+    """
+    op: Operator | None = None
+    for step in seg.steps:
+        if step.kind == "shape":
+            continue
+        if isinstance(step.module, nn.Conv1d | nn.Conv2d):
+            part = conv_operator(step.module, step.in_shape)
+        else:
+            part = probe_operator(_segment_of([step]), max_entries)
+        op = part if op is None else Operator(part.A @ op.A, part.A @ op.b + part.b)
+    n = math.prod(seg.in_shape)
+    if op is None:
+        op = Operator(scipy.sparse.identity(n, format="csr"), np.zeros(n))
+    A = op.A.tocsr()
+    if A.shape == (math.prod(seg.out_shape), n) and _reproduces(seg, A, op.b):
+        return Operator(A, op.b)
+    return probe_operator(seg, max_entries)
+
+
+def conv_operator(conv: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...]) -> Operator:
+    """A convolution as ``y = A v + b``, written down from its weights.
+
+    Row ``(j, p)`` (output channel, output position) holds the kernel
+    entries ``K[j, c, t]`` at the input index that tap ``(c, t)`` reads at
+    ``p``; padded taps are left out and a reflected or circular pad adds its
+    entry to the index it copies.
+    """
+    idx = tap_indices(conv, in_shape)  # (C/g * K per group, L), 1-based, 0 = pad
+    h, groups = conv.out_channels, conv.groups
+    per = idx.shape[0] // groups
+    L = idx.shape[1]
+    weight = conv.weight.detach().cpu().double().numpy().reshape(h, per)
+    A = block_rows(
+        [idx[g * per : (g + 1) * per].T for g in range(groups)],  # (L, per) each
+        [weight[g * (h // groups) : (g + 1) * (h // groups)] for g in range(groups)],
+        math.prod(in_shape),
+    )
+    bias = (
+        conv.bias.detach().cpu().double().numpy()
+        if conv.bias is not None
+        else np.zeros(h)
+    )
+    return Operator(A, np.repeat(bias, L))
+
+
+def block_rows(
+    taps: list[np.ndarray], coefficients: list[np.ndarray], n: int
+) -> scipy.sparse.csr_matrix:
+    """Rows ``(j, q)`` over groups: ``sum_t coefficients[j, t] v[taps[q, t] - 1]``.
+
+    ``taps[g]`` ``(Q, T)`` holds 1 + the input index each term reads (0: none)
+    and ``coefficients[g]`` ``(J, T)`` the weights of group ``g``; the rows of
+    group ``g`` follow those of group ``g - 1``, ``j`` major. Written in CSR
+    directly (a convolution's forward matrix and its kernel-gradient rows are
+    both of this form).
+    """
+    indptr, indices, data = [np.zeros(1, np.int64)], [], []
+    end = 0
+    for tap, coef in zip(taps, coefficients, strict=True):
+        q, t = np.nonzero(tap > 0)  # sorted by q: the row order within a j
+        counts = np.bincount(q, minlength=tap.shape[0])
+        J = coef.shape[0]
+        indptr.append(end + np.cumsum(np.tile(counts, J)))
+        end += J * q.size
+        indices.append(np.tile(tap[q, t] - 1, J))
+        data.append(coef[:, t].ravel())
+    rows = sum(c.shape[0] * t.shape[0] for t, c in zip(taps, coefficients, strict=True))
+    return scipy.sparse.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
+        shape=(rows, n),
+    )
+
+
+def probe_operator(seg: Segment, max_entries: int = 2**23) -> Operator:
     """Assemble the sparse matrix of a segment by coloured probing.
 
     Input positions of one channel whose indices agree modulo ``P`` on every
@@ -514,3 +598,36 @@ def _reproduces(seg: Segment, A: scipy.sparse.csr_matrix, b: np.ndarray) -> bool
     got = (A @ v.numpy().T).T + b[None, :]
     scale = max(float(np.abs(want).max()), 1e-300)
     return bool(np.abs(got - want).max() <= 1e-10 * scale)
+
+
+def tap_indices(conv: nn.Conv1d | nn.Conv2d, in_shape: tuple[int, ...]) -> np.ndarray:
+    """For each (channel, tap) row and output position: 1 + the input index read."""
+    n = math.prod(in_shape)
+    idx = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, *in_shape)
+    dims = len(in_shape) - 1
+    pads: list[int] = []
+    for axis in reversed(range(dims)):
+        k, gap = conv.kernel_size[axis], conv.dilation[axis]
+        if conv.padding == "same":
+            total = gap * (k - 1)
+            left = total // 2
+            right = total - left
+        elif conv.padding == "valid":
+            left = right = 0
+        else:
+            left = right = int(conv.padding[axis])  # type: ignore[index]
+        pads += [left, right]
+    if any(pads):
+        if conv.padding_mode == "zeros":
+            idx = F.pad(idx, pads, value=0.0)
+        else:
+            idx = F.pad(idx, pads, mode=conv.padding_mode)
+    if dims == 1:
+        idx = idx.unsqueeze(2)  # (1, C, 1, L)
+        kernel: tuple[int, ...] = (1, *conv.kernel_size)
+        dil: tuple[int, ...] = (1, *conv.dilation)
+        stride: tuple[int, ...] = (1, *conv.stride)
+    else:
+        kernel, dil, stride = conv.kernel_size, conv.dilation, conv.stride
+    cols = F.unfold(idx, kernel, dilation=dil, padding=0, stride=stride)  # (1, CK, L)
+    return np.rint(cols[0].numpy()).astype(np.int64)

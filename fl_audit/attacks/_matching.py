@@ -38,7 +38,9 @@ from fl_audit.errors import InvalidInputError, UnsupportedModelError
 from fl_audit.layers import eval_mode
 
 Distance = Literal["l2", "cosine"]
-LabelSource = Literal["given", "idlg", "counts", "analytic_fc", "optimised"]
+LabelSource = Literal[
+    "given", "idlg", "counts", "analytic_fc", "conv_inversion", "optimised"
+]
 
 
 class Diverged(Exception):
