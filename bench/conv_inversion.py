@@ -42,12 +42,14 @@ It prints one table per configuration, the agreement rate of each
 prediction with the measured outcome over all runs, a batch experiment
 (B = 2..12 behind the classifier), and a timing line for one 3x32x32 input
 through a stride-1 conv with h = 16, against a dense SVD least squares of
-the same restricted system. The figure goes to
+the same restricted system, and the convolution's operator written from its
+weights against probed. The figure goes to
 docs/figures/conv_inversion_phase_transition.png.
 
 Run: ``PYTHONPATH=. .venv/bin/python bench/conv_inversion.py`` (about 11
 minutes on one core, most of it the per-probe ranks of the 3x32x32
-configurations; ``--quick`` for a smaller sweep).
+configurations; ``--quick`` for a smaller sweep, ``--timing-only`` for the
+timing lines alone).
 """
 
 from __future__ import annotations
@@ -74,7 +76,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fl_audit.attacks import AttackTarget, ConvInversion  # noqa: E402
-from fl_audit.attacks._chain import trace_chain  # noqa: E402
+from fl_audit.attacks._chain import (  # noqa: E402
+    probe_operator,
+    segment_operator,
+    trace_chain,
+)
 from fl_audit.bounds import HOLDING_FRACTION, RANK_RTOL, Verdict, analyze  # noqa: E402
 from fl_audit.data import load_samples  # noqa: E402
 from fl_audit.metrics import match_inputs  # noqa: E402
@@ -465,13 +471,26 @@ def timing(reference: bool) -> None:
             f"(min {min(times):.2f}, max {max(times):.2f}) over 3 runs; "
             f"certified {result.num_certified}, PSNR {min(psnr, 300.0):.0f} dB"
         )
+    # The convolution's matrix written from its weights against probing it.
+    chain = trace_chain(model, (3, 32, 32), "0")
+    built: dict[str, list[float]] = {"written": [], "probed": []}
+    for _ in range(3):
+        for name, assemble in (
+            ("written", segment_operator),
+            ("probed", probe_operator),
+        ):
+            t0 = time.perf_counter()
+            op = assemble(chain.segments[0])
+            built[name].append(time.perf_counter() - t0)
+    written, probed = (statistics.median(built[k]) for k in ("written", "probed"))
+    print(
+        f"   the convolution's {op.A.shape[0]}x{op.A.shape[1]} operator: written "
+        f"{written * 1000:.1f} ms, probed {probed * 1000:.1f} ms (median of 3; "
+        f"ratio written/probed = {written / probed:.2f})"
+    )
     if not reference:
         return
     # The same restricted system solved by dense SVD least squares.
-    chain = trace_chain(model, (3, 32, 32), "0")
-    from fl_audit.attacks._chain import segment_operator
-
-    op = segment_operator(chain.segments[0])
     with torch.no_grad():
         z = model[1](model[0](x)).reshape(-1).numpy()
     rows = np.flatnonzero(z > 0)
@@ -493,7 +512,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sweep")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the dense SVD reference timing")  # fmt: skip
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the timing lines (no sweep)")  # fmt: skip
     args = parser.parse_args()
+    if args.timing_only:
+        timing(not args.no_reference)
+        return
     start = time.perf_counter()
     cfgs = configs(args.quick)
     for cfg in cfgs:

@@ -774,6 +774,7 @@ def _dense(
     the singular values below (Sylvester's law). Both cost a fraction of a
     symmetric eigendecomposition.
     """
+    M = M.tocsc()  # its transpose is CSR: the product measured 2x faster
     N = (M.T @ M).toarray()  # (k, k)
     k = N.shape[0]
     r = M.T @ rhs

@@ -12,11 +12,13 @@ at a time, what makes DLG slow and unreliable:
   2020), so the optimiser's tolerances mean the same for any model scale;
 * L-BFGS with a strong-Wolfe line search (or Adam with a step schedule);
 * initialisations: the analytic answer where one exists (the FC attack on a
-  fully-connected first layer; otherwise the input of the first linear
-  layer, read off its gradient as in Qian & Hansen's result 1 or its row
-  space for a batch, then inverted through the layers before it), the mean
-  of a reference set, the centre of the input range, uniform noise over it
-  (the seed paper's later version);
+  fully-connected first layer; the convolutional inversion, R-GAP style,
+  solved to a loose tolerance where its walk down is determined and
+  consistent; otherwise, on request, the input of the first linear layer,
+  read off its gradient as in Qian & Hansen's result 1 or its row space for
+  a batch, then inverted through the layers before it), the mean of a
+  reference set, the centre of the input range, uniform noise over it (the
+  seed paper's later version);
 * priors: total variation for images, a second-difference smoothness prior
   for 1-D signals, the box of the input range; the prior is dropped for a
   final polish so it does not bias a converged answer;
@@ -71,10 +73,12 @@ from fl_audit.metrics import match_inputs
 _INITS = ("analytic", "mean", "centre", "uniform", "normal")
 _LABEL_MODES = ("auto", "optimise")
 _CONV_START_TOLERANCE = 1e-4
-"""LSMR tolerance of the conv_inversion start: measured on Fashion-MNIST with
-DLG's LeNet, 1e-4 gives 38-43 dB in 42-64 ms and 1e-6 gives 70-82 dB in
-61-80 ms (machine precision: 0.6-1 s with the dense certificate); gradient
-matching takes a close start the rest of the way."""
+"""LSMR tolerance of the conv_inversion start. Measured with DLG's LeNet against
+DLG in the same runs (median time to 30 dB): on 10 Fashion-MNIST garments
+5e-5, 1e-4, 2e-4 and 4e-4 gave 4.6x, 5.0x, 5.0x and 3.1x; on 5 32x32 photos
+1e-4 and 1e-5 gave 14x and 26x. A start at 1e-4 is 38-43 dB on the garments
+in about 40 ms and 11-27 dB on the photos; gradient matching with the TV
+prior takes it the rest of the way."""
 _CONV_START_RESIDUAL = 0.25
 """Largest relative residual of a solve of the conv_inversion start. Measured at
 the tolerance above: 2e-4 to 6e-2 where the start was close (Fashion-MNIST,
@@ -111,9 +115,13 @@ class PriorGuidedReconstruction(Attack):
         (needs ``reference``), ``"centre"`` (the middle of the input range,
         jittered by 1 % for a batch), ``"uniform"`` or ``"normal"``. ``None``:
         analytic, then the reference mean when given, then uniform noise,
-        ``restarts`` trials in all; ``"analytic"`` leads only where the FC
-        attack recovered inputs (the feature-inversion start measured
-        slower than uniform noise with the TV prior).
+        ``restarts`` trials in all; ``"analytic"`` leads only where an
+        analytic attack gave the start: the FC attack recovered inputs, or
+        ``conv_inversion``'s loose solve had as many equations as unknowns
+        at every layer and a consistent walk down (every solve's relative
+        residual at most 0.25). Elsewhere an explicit ``"analytic"`` is the
+        feature inversion (measured slower than uniform noise with the TV
+        prior, so not a default).
     restarts:
         Number of trials when ``inits`` is ``None``.
     reference:
@@ -222,9 +230,14 @@ class PriorGuidedReconstruction(Attack):
 
     Priors and the box need ``AttackTarget.input_range``; without it the
     box is off and uniform initialisations draw from [0, 1] (noted in the
-    result). The analytic start through a convolutional stack is a feature
-    inversion, approximate where the stack loses information (strides,
-    ReLU zeros); gradient matching then refines it. For a batch, the slots
+    result). The conv_inversion start is a least-squares solve stopped at a
+    relative tolerance of 1e-4: 38-43 dB on Fashion-MNIST and 11-27 dB on
+    32x32 photos with DLG's LeNet, in about 40 and 110 ms; gradient
+    matching refines it. It needs a single input (the kernel-gradient
+    equations) and fails on ReLU models whose zeros leave a layer
+    under-determined, where the plan starts from noise. The feature
+    inversion is approximate where the stack loses information (strides,
+    ReLU zeros). For a batch, the slots
     are matched to the true inputs in no particular order, and inputs that
     share a label can swap. See :mod:`fl_audit.attacks._matching` for the
     eval-mode and loss assumptions.
@@ -409,9 +422,9 @@ class PriorGuidedReconstruction(Attack):
     ) -> tuple[str, ...]:
         if self.inits is not None:
             return self.inits
-        # The feature-inversion start (no FC attack result) was measured to
+        # The feature-inversion start (no analytic result) was measured to
         # cost more than it saves against a uniform start with the TV prior:
-        # it is used by default only where the FC attack recovered inputs.
+        # "analytic" leads by default only where an analytic attack gave one.
         plan = (["analytic"] if has_analytic else []) + (
             ["mean"] if has_reference else []
         )
