@@ -508,3 +508,25 @@ def test_an_underdetermined_walk_stops_when_asked(fashion4):
     assert skip.solver == "skipped" and not stopped.certified.any()
     assert skip.kept + skip.weight_equations < skip.unknowns == 784
     assert any("the walk down stops there" in n for n in stopped.notes)
+
+
+def test_the_time_budget_skips_the_solves_it_cannot_fit(fashion4):
+    # Arrange: a two-convolution chain; a budget too small for any solve
+    x = fashion4[:1]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 22 * 22, 10),
+    ).double()
+    # Act
+    result = _attack(model, x, time_budget_s=1e-9, dense_limit=0)
+    # Assert: the first solve is skipped and said so; nothing is certified
+    (skip,) = result.solves
+    assert skip.solver == "skipped" and not result.certified.any()
+    assert any("the time budget ran out before" in n for n in result.notes)
+    with pytest.raises(InvalidInputError, match="time_budget_s"):
+        ConvInversion(time_budget_s=0)

@@ -195,6 +195,12 @@ class ConvInversion(Attack):
         solves use LSMR on the sparse system (columns equilibrated),
         certified by its condition estimate instead of the rank. ``0``:
         LSMR for every solve.
+    time_budget_s:
+        Wall-clock budget for the whole attack. A solve that would start
+        after it is skipped (reported as ``"skipped"``, the input left at
+        zero), and an LSMR solve runs at most the iterations that fit in what
+        is left (timed on one product); dense solves (``dense_limit``) are
+        not interrupted. ``None``: no budget.
     stop_underdetermined:
         End a sample's walk down at the first solve with fewer equations
         than unknowns (its input cannot be unique there; the solve is
@@ -222,6 +228,7 @@ class ConvInversion(Attack):
         max_batch: int = 64,
         tolerance: float = 1e-15,
         stop_underdetermined: bool = False,
+        time_budget_s: float | None = None,
     ) -> None:
         problems = []
         for flag, given in (
@@ -244,6 +251,15 @@ class ConvInversion(Attack):
             problems.append(
                 f"tolerance must be a number in (0, 1), e.g. 1e-8, got {tolerance!r}"
             )
+        if time_budget_s is not None and (
+            isinstance(time_budget_s, bool)
+            or not isinstance(time_budget_s, int | float)
+            or not time_budget_s > 0
+        ):
+            problems.append(
+                f"time_budget_s must be a positive number of seconds or None, "
+                f"got {time_budget_s!r}"
+            )
         if problems:
             raise InvalidInputError("ConvInversion options", problems)
         self.weight_equations = weight_equations
@@ -251,13 +267,15 @@ class ConvInversion(Attack):
         self.max_batch = max_batch
         self.tolerance = float(tolerance)
         self.stop_underdetermined = stop_underdetermined
+        self.time_budget_s = None if time_budget_s is None else float(time_budget_s)
 
     def __repr__(self) -> str:
         return (
             f"ConvInversion(weight_equations={self.weight_equations}, "
             f"dense_limit={self.dense_limit}, max_batch={self.max_batch}, "
             f"tolerance={self.tolerance:g}, "
-            f"stop_underdetermined={self.stop_underdetermined})"
+            f"stop_underdetermined={self.stop_underdetermined}, "
+            f"time_budget_s={self.time_budget_s})"
         )
 
     # ------------------------------------------------------------------ checks
@@ -310,8 +328,11 @@ class ConvInversion(Attack):
         tol = _Tol(float(torch.finfo(raw.dtype).eps))
         try:
             samples, estimate = self._separate(target, chain, tol, notes)
+            deadline = (
+                None if self.time_budget_s is None else start + self.time_budget_s
+            )
             inputs, certified, solves = self._walk_all(
-                target, chain, samples, tol, notes
+                target, chain, samples, tol, notes, deadline
             )
         except (RuntimeError, ValueError, np.linalg.LinAlgError, FLAuditError) as exc:
             # A model the chain could not be solved on is reported, not raised.
@@ -494,13 +515,14 @@ class ConvInversion(Attack):
         samples: list[_Sample],
         tol: _Tol,
         notes: list[str],
+        deadline: float | None = None,
     ) -> tuple[list[np.ndarray], list[bool], list[LayerSolve]]:
         ops: dict[int, Operator] = {}  # assembled when a walk first reaches them
         use_weights = self.weight_equations and len(samples) == 1
         inputs, certified, solves = [], [], []
         for i, sample in enumerate(samples):
             x, exact, own = self._walk(
-                target, chain, ops, sample, i, use_weights, tol, notes
+                target, chain, ops, sample, i, use_weights, tol, notes, deadline
             )
             roundtrip = _roundtrip(chain, x, sample.features)
             ok = exact and sample.fc_certified and roundtrip <= tol.residual
@@ -527,6 +549,7 @@ class ConvInversion(Attack):
         use_weights: bool,
         tol: _Tol,
         notes: list[str],
+        deadline: float | None = None,
     ) -> tuple[np.ndarray, bool, list[LayerSolve]]:
         value = sample.features.astype(np.float64)
         known = np.ones(value.size, dtype=bool)
@@ -541,7 +564,9 @@ class ConvInversion(Attack):
                 most = _most_rows(seg, math.prod(seg.out_shape), delta is not None)
                 if not seg.shape_only and most < math.prod(seg.in_shape):
                     everything = np.ones(math.prod(seg.out_shape), dtype=bool)
-                    return self._stop(target, seg, everything, most, index, [], notes)
+                    return self._stop(
+                        target, seg, everything, most, index, [], notes, short=True
+                    )
 
         for s in range(len(chain.segments) - 1, -1, -1):
             seg = chain.segments[s]
@@ -550,7 +575,13 @@ class ConvInversion(Attack):
             else:
                 at_most = _most_rows(seg, int(known.sum()), delta is not None)
                 if self.stop_underdetermined and at_most < math.prod(seg.in_shape):
-                    return self._stop(target, seg, known, at_most, index, solves, notes)
+                    return self._stop(
+                        target, seg, known, at_most, index, solves, notes, short=True
+                    )
+                if deadline is not None and time.perf_counter() > deadline:
+                    return self._stop(
+                        target, seg, known, at_most, index, solves, notes, short=False
+                    )
                 if s not in ops:
                     ops[s] = segment_operator(seg)
                 op = ops[s]
@@ -561,7 +592,9 @@ class ConvInversion(Attack):
                 )
                 rows = int(known.sum()) + (extra[0].shape[0] if extra else 0)
                 if self.stop_underdetermined and rows < op.A.shape[1]:
-                    return self._stop(target, seg, known, rows, index, solves, notes)
+                    return self._stop(
+                        target, seg, known, rows, index, solves, notes, short=True
+                    )
                 out_v, out_k, report = _solve(
                     op,
                     value,
@@ -572,6 +605,7 @@ class ConvInversion(Attack):
                     index,
                     seg.label,
                     self.tolerance,
+                    deadline,
                 )
                 solves.append(report)
                 exact = exact and report.exact and report.uncovered == 0
@@ -597,8 +631,10 @@ class ConvInversion(Attack):
         index: int,
         solves: list[LayerSolve],
         notes: list[str],
+        *,
+        short: bool,
     ) -> tuple[np.ndarray, bool, list[LayerSolve]]:
-        """End a walk at an under-determined solve (``stop_underdetermined``)."""
+        """End a walk before a solve: under-determined (``short``) or out of time."""
         unknowns = math.prod(seg.in_shape)
         solves.append(
             LayerSolve(
@@ -619,6 +655,9 @@ class ConvInversion(Attack):
         notes.append(
             f"sample {index}: {seg.label} has at most {rows} equations for "
             f"{unknowns} unknowns; the walk down stops there"
+            if short
+            else f"sample {index}: the time budget ran out before {seg.label}; "
+            "the walk down stops there"
         )
         return np.zeros(math.prod(target.input_shape)), False, solves
 
@@ -681,6 +720,7 @@ def _solve(
     sample: int,
     layer: str,
     tolerance: float = 1e-15,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, LayerSolve]:
     """Least squares for a segment's input on the known outputs (+ kernel rows)."""
     m, n = op.A.shape
@@ -726,7 +766,12 @@ def _solve(
         scaled = M.copy()
         scaled.data /= col[covered][scaled.indices]
         out = scipy.sparse.linalg.lsmr(
-            scaled, rhs, atol=tolerance, btol=tolerance, conlim=1e15, maxiter=20 * k
+            scaled,
+            rhs,
+            atol=tolerance,
+            btol=tolerance,
+            conlim=1e15,
+            maxiter=_iterations_left(scaled, 20 * k, deadline),
         )
         x, rank, cond, solver = out[0] / col[covered], None, float(out[6]), "lsmr"
     scale = max(float(np.linalg.norm(rhs)), 1e-300)
@@ -761,6 +806,18 @@ def _solve(
         residual,
     )
     return full_x, covered, report
+
+
+def _iterations_left(
+    M: scipy.sparse.csr_matrix, most: int, deadline: float | None
+) -> int:
+    """LSMR iterations that fit before ``deadline`` (one product each way)."""
+    if deadline is None:
+        return most
+    start = time.perf_counter()
+    M.T @ (M @ np.ones(M.shape[1]))
+    cost = max(time.perf_counter() - start, 1e-9)
+    return max(1, min(most, int((deadline - time.perf_counter()) / cost)))
 
 
 def _dense(

@@ -584,9 +584,7 @@ class PriorGuidedReconstruction(Attack):
         an answer), kept only where every solve of the walk down had as many
         equations as unknowns.
         """
-        fc = AnalyticFCInversion(
-            time_budget_s=max(0.1, 0.2 * (self.time_budget_s or 60.0))
-        )
+        fc = AnalyticFCInversion(time_budget_s=self._analytic_budget())
         if fc.applicability(target):
             if self.labels == "auto" or "analytic" in self._init_plan(False):
                 return self._analytic_fc(fc, target, notes)
@@ -595,11 +593,18 @@ class PriorGuidedReconstruction(Attack):
             return self._conv_start(target, batch, notes)
         return None
 
+    def _analytic_budget(self) -> float:
+        """Seconds an analytic start may take: a fifth of the attack's budget."""
+        return max(0.1, 0.2 * (self.time_budget_s or 60.0))
+
     def _conv_start(
         self, target: AttackTarget, batch: int, notes: list[str]
     ) -> tuple[AttackResult, int | None] | None:
         conv = ConvInversion(
-            dense_limit=0, tolerance=_CONV_START_TOLERANCE, stop_underdetermined=True
+            dense_limit=0,
+            tolerance=_CONV_START_TOLERANCE,
+            stop_underdetermined=True,
+            time_budget_s=self._analytic_budget(),
         )
         if not conv.applicability(target):
             return None
