@@ -530,3 +530,55 @@ def test_the_time_budget_skips_the_solves_it_cannot_fit(fashion4):
     assert any("the time budget ran out before" in n for n in result.notes)
     with pytest.raises(InvalidInputError, match="time_budget_s"):
         ConvInversion(time_budget_s=0)
+
+
+def test_a_short_layer_is_solved_jointly_with_the_one_below():
+    # Arrange: an ECG window behind DLG's 1-D LeNet (three 5-tap convolutions
+    # with sigmoid, DLG's U(-0.5, 0.5) weights): the stride-2 second
+    # convolution has 12 * 64 outputs + 720 kernel equations for 12 * 128
+    # inputs, but those inputs are sigmoid(conv1(x)) of a 256-sample window
+    x = load_samples("ecg", 1, seed=4).inputs.double()  # (1, 1, 256)
+    torch.manual_seed(0)
+    body = [nn.Conv1d(1, 12, 5, padding=2, stride=2), nn.Sigmoid()]
+    body += [nn.Conv1d(12, 12, 5, padding=2, stride=2), nn.Sigmoid()]
+    body += [nn.Conv1d(12, 12, 5, padding=2), nn.Sigmoid(), nn.Flatten()]
+    model = nn.Sequential(*body, nn.Linear(12 * 64, 10)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    # Act
+    result = _attack(model, x)
+    # Assert: one Gauss-Newton solve for the two lower convolutions, certified
+    assert result.certificates == ["rank+residual"]
+    assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 100.0
+    top, joint = result.solves
+    assert top.solver == "cholesky" and joint.solver == "gauss-newton"
+    assert joint.kept + joint.weight_equations == 12 * 64 + 720 < 12 * 128
+    assert joint.rank == joint.unknowns == 256 and joint.residual <= 1e-11
+
+
+def test_a_layer_short_of_rank_is_solved_jointly(digits):
+    # Arrange: an 8x8 digit behind two 3x3 sigmoid convolutions (DLG's
+    # weights): the stride-2 one has 420 equations for 384 unknowns but
+    # rank 336 (its kernel rows leave one stride phase short)
+    x = digits.inputs[2:3].double()
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(6, 6, 3, padding=1, stride=2),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 10),
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    # Act
+    result = _attack(model, x)
+    # Assert
+    assert result.certificates == ["rank+residual"]
+    assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 100.0
+    (joint,) = result.solves
+    assert joint.solver == "gauss-newton" and joint.rank == 64
+    assert any("has rank" in n and "solved jointly" in n for n in result.notes)

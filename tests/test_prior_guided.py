@@ -454,10 +454,29 @@ def test_a_determined_conv_chain_gives_a_close_start() -> None:
 
 
 def test_an_inconsistent_conv_start_is_not_used(digits: Samples) -> None:
-    # Arrange: an 8x8 digit behind the small sigmoid CNN: its stride-2 layer
-    # has 420 equations for 384 unknowns, but rank 336 (dense certificate),
-    # so the loose solve is a minimum-norm guess the layer below cannot fit
-    target, _ = _target(digits, slice(2, 3), seed=2)
+    # Arrange: an 8x8 digit behind a ReLU CNN whose stride-2 layer has 74
+    # kept outputs + 432 kernel equations for 384 unknowns, but rank 348
+    # (dense certificate): its minimum-norm answer is not an activation the
+    # layer below can produce (relative residual 0.8), and no joint solve
+    # passes a ReLU
+    x = digits.inputs[2:3]
+    assert digits.labels is not None
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 10),
+    )
+    target = AttackTarget.from_gradients(
+        model,
+        gradients(model, x, digits.labels[2:3] % 10),
+        digits.input_shape,
+        batch_size=1,
+        input_range=(0.0, 1.0),
+    )
     # Act
     result = PriorGuidedReconstruction(progress=False, callback=lambda *_: True).run(
         target
@@ -490,10 +509,21 @@ class _LeNet(nn.Module):
 
 
 def test_an_underdetermined_conv_chain_starts_from_noise() -> None:
-    # Arrange: a 28x28 garment: the stride-2 convolution's 4,704 inputs
-    # meet at most 1,500 equations
+    # Arrange: a garment behind the small ReLU CNN: its stride-2 layer sees
+    # 8 * 28 * 28 inputs through at most 8 * 14 * 14 outputs + 576 kernel
+    # equations, and a ReLU below it (no joint solve through it)
     garments = load_samples("fashion_mnist", 1, seed=0)
-    target, _ = _target(garments, slice(0, 1), seed=0)
+    x = garments.inputs
+    assert garments.labels is not None
+    torch.manual_seed(0)
+    model = SmallReLUCNN(1, 28)
+    target = AttackTarget.from_gradients(
+        model,
+        gradients(model, x, garments.labels),
+        garments.input_shape,
+        batch_size=1,
+        input_range=(0.0, 1.0),
+    )
     # Act
     result = PriorGuidedReconstruction(progress=False, callback=lambda *_: True).run(
         target

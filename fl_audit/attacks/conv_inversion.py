@@ -560,21 +560,27 @@ class ConvInversion(Attack):
         exact = True
         solves: list[LayerSolve] = []
         if self.stop_underdetermined:  # a layer below that no values can determine
-            for seg in chain.segments[:-1]:
+            for j, seg in enumerate(chain.segments[:-1]):
                 most = _most_rows(seg, math.prod(seg.out_shape), delta is not None)
-                if not seg.shape_only and most < math.prod(seg.in_shape):
+                if (
+                    not seg.shape_only
+                    and most < math.prod(seg.in_shape)
+                    and not _joinable(chain, j, most)
+                ):
                     everything = np.ones(math.prod(seg.out_shape), dtype=bool)
                     return self._stop(
                         target, seg, everything, most, index, [], notes, short=True
                     )
 
-        for s in range(len(chain.segments) - 1, -1, -1):
+        s = len(chain.segments) - 1
+        while s >= 0:
             seg = chain.segments[s]
-            if seg.shape_only:
-                out = value, known
-            else:
+            lowest = s  # the lowest segment this pass solves
+            if not seg.shape_only:
+                unknowns = math.prod(seg.in_shape)
                 at_most = _most_rows(seg, int(known.sum()), delta is not None)
-                if self.stop_underdetermined and at_most < math.prod(seg.in_shape):
+                joint = at_most < unknowns and _joinable(chain, s, at_most)
+                if self.stop_underdetermined and at_most < unknowns and not joint:
                     return self._stop(
                         target, seg, known, at_most, index, solves, notes, short=True
                     )
@@ -591,33 +597,75 @@ class ConvInversion(Attack):
                     else None
                 )
                 rows = int(known.sum()) + (extra[0].shape[0] if extra else 0)
-                if self.stop_underdetermined and rows < op.A.shape[1]:
+                joint = rows < unknowns and _joinable(chain, s, rows)
+                if self.stop_underdetermined and rows < unknowns and not joint:
                     return self._stop(
                         target, seg, known, rows, index, solves, notes, short=True
                     )
-                out_v, out_k, report = _solve(
-                    op,
-                    value,
-                    known,
-                    extra,
-                    tol,
-                    self.dense_limit,
-                    index,
-                    seg.label,
-                    self.tolerance,
-                    deadline,
-                )
+                alone: tuple[np.ndarray, np.ndarray, LayerSolve] | None = None
+                if not joint:
+                    alone = _solve(
+                        op,
+                        value,
+                        known,
+                        extra,
+                        tol,
+                        self.dense_limit,
+                        index,
+                        seg.label,
+                        self.tolerance,
+                        deadline,
+                    )
+                    solved = alone[2]
+                    # enough rows but a short rank (the dense path knows it)
+                    joint = (
+                        solved.rank is not None
+                        and solved.rank < solved.unknowns - solved.uncovered
+                        and _joinable(chain, s, rows)
+                    )
+                    if joint:
+                        notes.append(
+                            f"sample {index}: {seg.label} has rank {solved.rank} of "
+                            f"{solved.unknowns - solved.uncovered}; solved jointly "
+                            "with the segment below"
+                        )
+                if joint:
+                    lowest = s - 1
+                    if lowest not in ops:
+                        ops[lowest] = segment_operator(chain.segments[lowest])
+                    act = chain.activations[lowest]
+                    v, a, report = _joint(
+                        op,
+                        value,
+                        known,
+                        extra,
+                        act,
+                        ops[lowest],
+                        tol,
+                        self.dense_limit,
+                        index,
+                        f"{seg.label} + {chain.segments[lowest].label}",
+                        self.tolerance,
+                        deadline,
+                    )
+                    if delta is not None:  # down to the lower segment's input
+                        delta = op.A.T @ delta * _derivative(act, a, tol)
+                        delta = ops[lowest].A.T @ delta
+                    value, known = v, np.ones(v.size, dtype=bool)
+                else:
+                    assert alone is not None
+                    value, out_k, report = alone
+                    if delta is not None:
+                        delta = op.A.T @ delta if out_k.all() else None
+                    known = out_k
                 solves.append(report)
                 exact = exact and report.exact and report.uncovered == 0
-                if delta is not None:
-                    delta = op.A.T @ delta if out_k.all() else None
-                out = out_v, out_k
-            value, known = out
-            if s > 0:
-                act = chain.activations[s - 1]
+            if lowest > 0:
+                act = chain.activations[lowest - 1]
                 if delta is not None:
                     delta = delta * _derivative(act, value, tol)
                 value, known = _invert(act, value, known, tol)
+            s = lowest - 1
         x = value.copy()
         x[~known] = 0.0
         return x, exact and bool(known.all()), solves
@@ -702,6 +750,18 @@ class ConvInversion(Attack):
 # Solves
 
 
+def _joinable(chain: Chain, s: int, rows: int) -> bool:
+    """Whether segment ``s``, short of equations, can be solved with the one below.
+
+    The activation between them must be smooth and invertible (no equation
+    lost) and the lower segment's input no larger than ``rows``.
+    """
+    if s < 1 or chain.activations[s - 1].kind not in _SMOOTH:
+        return False
+    lower = chain.segments[s - 1]
+    return not lower.shape_only and math.prod(lower.in_shape) <= rows
+
+
 def _most_rows(seg: Segment, outputs: int, weights: bool) -> int:
     """Most equations a segment's solve can have: its known outputs + kernel rows."""
     first = seg.steps[0].module if seg.steps else None
@@ -724,30 +784,7 @@ def _solve(
 ) -> tuple[np.ndarray, np.ndarray, LayerSolve]:
     """Least squares for a segment's input on the known outputs (+ kernel rows)."""
     m, n = op.A.shape
-    rows = np.flatnonzero(known)
-    M = op.A[rows] if rows.size < m else op.A.copy()
-    rhs = value[rows] - op.b[rows]
-    n_extra = 0
-    if extra is not None:
-        M = scipy.sparse.vstack([M, extra[0]], format="csr")
-        rhs = np.concatenate([rhs, extra[1]])
-        n_extra = extra[0].shape[0]
-
-    # Equilibrate rows (the kernel rows have another scale), drop empty ones.
-    M.sum_duplicates()
-    lengths = np.diff(M.indptr)
-    norms = np.sqrt(
-        np.bincount(
-            np.repeat(np.arange(M.shape[0]), lengths),
-            weights=M.data**2,
-            minlength=M.shape[0],
-        )
-    )
-    live = norms > 0
-    M.data /= np.repeat(np.where(live, norms, 1.0), lengths)
-    if not live.all():
-        M = M[live]
-    rhs = rhs[live] / norms[live]
+    M, rhs, kept, n_extra = _rows(op, value, known, extra)
     col = np.sqrt(np.bincount(M.indices, weights=M.data**2, minlength=n))
     covered = col > 0
     if not covered.all():
@@ -786,7 +823,7 @@ def _solve(
         layer=layer,
         unknowns=n,
         equations=m,
-        kept=int(rows.size),
+        kept=kept,
         weight_equations=n_extra,
         uncovered=n - k,
         rank=rank,
@@ -800,12 +837,180 @@ def _solve(
         sample,
         layer,
         n,
-        rows.size,
+        kept,
         m,
         rank,
         residual,
     )
     return full_x, covered, report
+
+
+_SMOOTH = ("sigmoid", "tanh", "leaky_relu")
+"""Activations a joint solve can pass through: invertible, no equation lost."""
+
+
+def _forward(act: Step, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth activation and its derivative at the pre-activation ``z``."""
+    if act.kind == "sigmoid":
+        a = 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
+        return a, a * (1.0 - a)
+    if act.kind == "tanh":
+        a = np.tanh(z)
+        return a, 1.0 - a * a
+    slope = float(act.module.negative_slope)  # type: ignore[arg-type]
+    return np.where(z >= 0, z, slope * z), np.where(z >= 0, 1.0, slope)
+
+
+def _joint(
+    hi: Operator,
+    value: np.ndarray,
+    known: np.ndarray,
+    extra: tuple[scipy.sparse.csr_matrix, np.ndarray] | None,
+    act: Step,
+    lo: Operator,
+    tol: _Tol,
+    dense_limit: int,
+    sample: int,
+    layer: str,
+    tolerance: float = 1e-15,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, LayerSolve]:
+    """Two segments at once, through the smooth activation between them.
+
+    The upper segment has fewer equations than unknowns, but its unknowns are
+    ``a = act(A_lo v + b_lo)`` for the lower segment's smaller input ``v``:
+    Gauss-Newton on ``v`` for ``M act(A_lo v + b_lo) = r``, with Jacobian
+    ``M diag(act') A_lo``, from the minimum-norm ``a`` pulled back through
+    the activation and ``A_lo``. Certified like a single solve, by the rank
+    of the Jacobian at the answer and the relative residual.
+
+    Returns ``v``, the upper segment's input ``a`` and the report.
+    """
+    M, rhs, kept, n_extra = _rows(hi, value, known, extra)
+    A, b = lo.A.tocsr(), lo.b
+    n = A.shape[1]
+    goal = max(tol.residual, tolerance)
+    scale = max(float(np.linalg.norm(rhs)), 1e-300)
+    # The start only seeds Gauss-Newton: loose solves suffice.
+    least = scipy.sparse.linalg.lsmr(M, rhs, atol=1e-6, btol=1e-6, maxiter=200)[0]
+    if act.kind == "sigmoid":
+        clipped = np.clip(least, 1e-6, 1.0 - 1e-6)
+        z0 = np.log(clipped) - np.log1p(-clipped)
+    elif act.kind == "tanh":
+        z0 = np.arctanh(np.clip(least, -1.0 + 1e-6, 1.0 - 1e-6))
+    else:
+        slope = float(act.module.negative_slope)  # type: ignore[arg-type]
+        z0 = np.where(least >= 0, least, least / slope)
+    v = scipy.sparse.linalg.lsmr(A, z0 - b, atol=1e-6, btol=1e-6, maxiter=200)[0]
+
+    def residual_at(point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, slope_at = _forward(act, A @ point + b)
+        return M @ a - rhs, a, slope_at
+
+    r, a, d = residual_at(v)
+    for _ in range(50):
+        if np.linalg.norm(r) / scale <= goal:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        J = (M @ scipy.sparse.diags(d) @ A).tocsr()
+        step_v = _gauss_newton_step(J, r, dense_limit, goal)
+        for shrink in 0.5 ** np.arange(20):
+            r_new, a_new, d_new = residual_at(v + shrink * step_v)
+            if np.linalg.norm(r_new) < np.linalg.norm(r):
+                break
+        else:
+            break  # no decrease along the step: stalled
+        gain = np.linalg.norm(r_new) / max(float(np.linalg.norm(r)), 1e-300)
+        v, r, a, d = v + shrink * step_v, r_new, a_new, d_new
+        if gain > 0.99:
+            break
+    J = (M @ scipy.sparse.diags(d) @ A).tocsr()
+    col = np.sqrt(np.bincount(J.indices, weights=J.data**2, minlength=n))
+    uncovered = int((col == 0).sum())
+    rank: int | None
+    if n <= dense_limit:
+        _, rank, cond = _dense(J[:, col > 0].toarray(), -r)
+        full = rank == n - uncovered
+    else:
+        out = scipy.sparse.linalg.lsmr(J, -r, atol=goal, btol=goal, maxiter=20)
+        rank, cond = None, float(out[6])
+        full = cond < 1.0 / RANK_RTOL
+    residual = float(np.linalg.norm(r)) / scale
+    report = LayerSolve(
+        sample=sample,
+        layer=layer,
+        unknowns=n,
+        equations=hi.A.shape[0],
+        kept=kept,
+        weight_equations=n_extra,
+        uncovered=uncovered,
+        rank=rank,
+        condition=cond,
+        residual=residual,
+        solver="gauss-newton",
+        exact=bool(full and residual <= tol.residual),
+    )
+    logger.debug(
+        "conv_inversion: sample %d %s (joint): %d unknowns, rank %s, res %.1e",
+        sample,
+        layer,
+        n,
+        rank,
+        residual,
+    )
+    return v, a, report
+
+
+def _gauss_newton_step(
+    J: scipy.sparse.csr_matrix, r: np.ndarray, dense_limit: int, goal: float
+) -> np.ndarray:
+    """The least-squares step ``argmin ||J s + r||``."""
+    n = J.shape[1]
+    if n <= dense_limit:  # its rows are dense: a BLAS product beats a sparse one
+        Jd = J.toarray()
+        N = Jd.T @ Jd
+        ridge = 1e-13 * max(float(np.trace(N)) / max(n, 1), 1e-300)
+        factor = scipy.linalg.cho_factor(N + ridge * np.eye(n), lower=True)
+        return scipy.linalg.cho_solve(factor, -(Jd.T @ r))
+    return scipy.sparse.linalg.lsmr(J, -r, atol=goal, btol=goal, maxiter=20 * n)[0]
+
+
+def _rows(
+    op: Operator,
+    value: np.ndarray,
+    known: np.ndarray,
+    extra: tuple[scipy.sparse.csr_matrix, np.ndarray] | None,
+) -> tuple[scipy.sparse.csr_matrix, np.ndarray, int, int]:
+    """The rows of a solve, equilibrated: known outputs, then kernel rows.
+
+    Returns the matrix (CSR, unit rows, empty rows dropped), its right-hand
+    side, the number of known outputs kept and of kernel rows added.
+    """
+    m = op.A.shape[0]
+    rows = np.flatnonzero(known)
+    M = op.A[rows] if rows.size < m else op.A.copy()
+    rhs = value[rows] - op.b[rows]
+    n_extra = 0
+    if extra is not None:
+        M = scipy.sparse.vstack([M, extra[0]], format="csr")
+        rhs = np.concatenate([rhs, extra[1]])
+        n_extra = extra[0].shape[0]
+    # Equilibrate rows (the kernel rows have another scale), drop empty ones.
+    M.sum_duplicates()
+    lengths = np.diff(M.indptr)
+    norms = np.sqrt(
+        np.bincount(
+            np.repeat(np.arange(M.shape[0]), lengths),
+            weights=M.data**2,
+            minlength=M.shape[0],
+        )
+    )
+    live = norms > 0
+    M.data /= np.repeat(np.where(live, norms, 1.0), lengths)
+    if not live.all():
+        M = M[live]
+    return M, rhs[live] / norms[live], int(rows.size), n_extra
 
 
 def _iterations_left(
@@ -821,7 +1026,7 @@ def _iterations_left(
 
 
 def _dense(
-    M: scipy.sparse.csr_matrix, rhs: np.ndarray
+    M: scipy.sparse.csr_matrix | np.ndarray, rhs: np.ndarray
 ) -> tuple[np.ndarray, int, float]:
     """Normal equations: rank by factorisation, solution by Cholesky.
 
@@ -831,8 +1036,11 @@ def _dense(
     the singular values below (Sylvester's law). Both cost a fraction of a
     symmetric eigendecomposition.
     """
-    M = M.tocsc()  # its transpose is CSR: the product measured 2x faster
-    N = (M.T @ M).toarray()  # (k, k)
+    if isinstance(M, np.ndarray):
+        N = M.T @ M
+    else:
+        M = M.tocsc()  # its transpose is CSR: the product measured 2x faster
+        N = (M.T @ M).toarray()  # (k, k)
     k = N.shape[0]
     r = M.T @ rhs
     top = float(

@@ -79,6 +79,9 @@ DLG in the same runs (median time to 30 dB): on 10 Fashion-MNIST garments
 1e-4 and 1e-5 gave 14x and 26x. A start at 1e-4 is 38-43 dB on the garments
 in about 40 ms and 11-27 dB on the photos; gradient matching with the TV
 prior takes it the rest of the way."""
+_CONV_START_DENSE = 512
+"""Solves of the conv_inversion start with at most this many unknowns are dense
+(Cholesky, a few ms); larger ones run LSMR to the tolerance above."""
 _CONV_START_RESIDUAL = 0.25
 """Largest relative residual of a solve of the conv_inversion start. Measured at
 the tolerance above: 2e-4 to 6e-2 where the start was close (Fashion-MNIST,
@@ -601,7 +604,7 @@ class PriorGuidedReconstruction(Attack):
         self, target: AttackTarget, batch: int, notes: list[str]
     ) -> tuple[AttackResult, int | None] | None:
         conv = ConvInversion(
-            dense_limit=0,
+            dense_limit=_CONV_START_DENSE,
             tolerance=_CONV_START_TOLERANCE,
             stop_underdetermined=True,
             time_budget_s=self._analytic_budget(),
