@@ -85,8 +85,10 @@ _CONV_START_DENSE = 512
 _CONV_START_RESIDUAL = 0.25
 """Largest relative residual of a solve of the conv_inversion start. Measured at
 the tolerance above: 2e-4 to 6e-2 where the start was close (Fashion-MNIST,
-32x32 photos, DLG's LeNet), 0.75 to 0.92 on 8x8 digits where a layer's rank
-(336 of 384) was short of its equation count and the start was noise."""
+32x32 photos, DLG's LeNet); 0.59 to 0.92 below a layer whose rank fell short
+of its equation count, so that its minimum-norm answer was noise (8x8
+digits behind a ReLU CNN, rank 336-348 of 384; behind a sigmoid CNN before
+such layers were solved jointly with the one below)."""
 
 
 @dataclass
@@ -473,7 +475,7 @@ class PriorGuidedReconstruction(Attack):
             )
         lo, hi = target.input_range or (0.0, 1.0)
 
-        analytic = self._analytic(target, batch, budget, notes)
+        analytic = self._analytic(target, batch, notes)
         labels, source = self._labels(target, problem, batch, analytic, notes)
 
         trials: list[_Trial] = []
@@ -578,14 +580,15 @@ class PriorGuidedReconstruction(Attack):
     # ---------------------------------------------------------------- helpers
 
     def _analytic(
-        self, target: AttackTarget, batch: int, budget: Budget, notes: list[str]
+        self, target: AttackTarget, batch: int, notes: list[str]
     ) -> tuple[AttackResult, int | None] | None:
         """An analytic attack's inputs to start from, when one applies.
 
         The FC attack when the first layer is fully connected; otherwise the
         convolutional inversion, solved to a loose tolerance (a start, not
         an answer), kept only where every solve of the walk down had as many
-        equations as unknowns.
+        equations as unknowns and a relative residual of at most
+        ``_CONV_START_RESIDUAL``.
         """
         fc = AnalyticFCInversion(time_budget_s=self._analytic_budget())
         if fc.applicability(target):
@@ -619,8 +622,11 @@ class PriorGuidedReconstruction(Attack):
         samples = result.inputs.shape[0]
         worst = max((s.residual for s in result.solves), default=math.inf)
         problem = None
+        stopped = [n for n in result.notes if n.endswith("stops there")]
         if samples != batch:
             problem = f"it separated {samples} of {batch} input(s)"
+        elif stopped and "time budget" in stopped[0]:
+            problem = stopped[0]
         elif any(
             s.uncovered > 0 or s.kept + s.weight_equations < s.unknowns
             for s in result.solves
