@@ -631,27 +631,9 @@ class ConvInversion(Attack):
                         )
                 if joint:
                     lowest = s - 1
-                    if lowest not in ops:
-                        ops[lowest] = segment_operator(chain.segments[lowest])
-                    act = chain.activations[lowest]
-                    v, a, report = _joint(
-                        op,
-                        value,
-                        known,
-                        extra,
-                        act,
-                        ops[lowest],
-                        tol,
-                        self.dense_limit,
-                        index,
-                        f"{seg.label} + {chain.segments[lowest].label}",
-                        self.tolerance,
-                        deadline,
+                    value, known, delta, report = self._jointly(
+                        chain, ops, s, value, known, extra, delta, tol, index, deadline
                     )
-                    if delta is not None:  # down to the lower segment's input
-                        delta = op.A.T @ delta * _derivative(act, a, tol)
-                        delta = ops[lowest].A.T @ delta
-                    value, known = v, np.ones(v.size, dtype=bool)
                 else:
                     assert alone is not None
                     value, out_k, report = alone
@@ -669,6 +651,42 @@ class ConvInversion(Attack):
         x = value.copy()
         x[~known] = 0.0
         return x, exact and bool(known.all()), solves
+
+    def _jointly(
+        self,
+        chain: Chain,
+        ops: dict[int, Operator],
+        s: int,
+        value: np.ndarray,
+        known: np.ndarray,
+        extra: tuple[scipy.sparse.csr_matrix, np.ndarray] | None,
+        delta: np.ndarray | None,
+        tol: _Tol,
+        index: int,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, LayerSolve]:
+        """Segments ``s`` and ``s - 1`` in one solve (see :func:`_joint`)."""
+        lower = s - 1
+        if lower not in ops:
+            ops[lower] = segment_operator(chain.segments[lower])
+        act = chain.activations[lower]
+        v, a, report = _joint(
+            ops[s],
+            value,
+            known,
+            extra,
+            act,
+            ops[lower],
+            tol,
+            self.dense_limit,
+            index,
+            f"{chain.segments[s].label} + {chain.segments[lower].label}",
+            self.tolerance,
+            deadline,
+        )
+        if delta is not None:  # down to the lower segment's input
+            delta = ops[lower].A.T @ (ops[s].A.T @ delta * _derivative(act, a, tol))
+        return v, np.ones(v.size, dtype=bool), delta, report
 
     @staticmethod
     def _stop(
