@@ -582,3 +582,25 @@ def test_a_layer_short_of_rank_is_solved_jointly(digits):
     (joint,) = result.solves
     assert joint.solver == "gauss-newton" and joint.rank == 64
     assert any("has rank" in n and "solved jointly" in n for n in result.notes)
+
+
+def test_float32_kernel_equations_survive_their_rounding():
+    # Arrange: a garment behind DLG's LeNet in float32, as clients send it.
+    # The error pushed down to the second convolution misses its observed
+    # bias gradient by 1.3e-6 (rounding), which once dropped its kernel
+    # equations and left that layer under-determined (-7 dB)
+    x = load_samples("fashion_mnist", 2, seed=3).inputs[1:2]
+    torch.manual_seed(101)
+    body = [nn.Conv2d(1, 12, 5, padding=2, stride=2), nn.Sigmoid()]
+    body += [nn.Conv2d(12, 12, 5, padding=2, stride=2), nn.Sigmoid()]
+    body += [nn.Conv2d(12, 12, 5, padding=2), nn.Sigmoid(), nn.Flatten()]
+    model = nn.Sequential(*body, nn.Linear(12 * 7 * 7, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    # Act
+    result = _attack(model, x)
+    # Assert
+    assert result.certificates == ["rank+residual"], result.notes
+    assert all(s.weight_equations > 0 for s in result.solves)
+    assert match_inputs(result.inputs, x, data_range=1.0).scores[0].psnr >= 60.0
