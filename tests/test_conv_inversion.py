@@ -527,6 +527,7 @@ def test_the_time_budget_skips_the_solves_it_cannot_fit(fashion4):
     # Assert: the first solve is skipped and said so; nothing is certified
     (skip,) = result.solves
     assert skip.solver == "skipped" and not result.certified.any()
+    assert result.residual is None  # nothing was solved
     assert any("the time budget ran out before" in n for n in result.notes)
     with pytest.raises(InvalidInputError, match="time_budget_s"):
         ConvInversion(time_budget_s=0)

@@ -340,7 +340,9 @@ class ConvInversion(Attack):
             logger.warning("conv_inversion failed: %s", exc)
             return self._result(target, [], [], [], [], None, start, notes)
         labels = [s.label for s in samples]
-        residual = max((s.residual for s in solves), default=None)
+        residual = max(
+            (s.residual for s in solves if s.solver != "skipped"), default=None
+        )
         return self._result(
             target, inputs, certified, labels, solves, estimate, start, notes, residual
         )
