@@ -533,16 +533,21 @@ def test_the_time_budget_skips_the_solves_it_cannot_fit(fashion4):
         ConvInversion(time_budget_s=0)
 
 
-def test_a_short_layer_is_solved_jointly_with_the_one_below():
+@pytest.mark.parametrize(
+    "act",
+    [nn.Sigmoid, nn.Tanh, lambda: nn.LeakyReLU(0.2)],
+    ids=["sigmoid", "tanh", "leaky"],
+)
+def test_a_short_layer_is_solved_jointly_with_the_one_below(act):
     # Arrange: an ECG window behind DLG's 1-D LeNet (three 5-tap convolutions
-    # with sigmoid, DLG's U(-0.5, 0.5) weights): the stride-2 second
+    # with a smooth activation, DLG's U(-0.5, 0.5) weights): the stride-2 second
     # convolution has 12 * 64 outputs + 720 kernel equations for 12 * 128
     # inputs, but those inputs are sigmoid(conv1(x)) of a 256-sample window
     x = load_samples("ecg", 1, seed=4).inputs.double()  # (1, 1, 256)
     torch.manual_seed(0)
-    body = [nn.Conv1d(1, 12, 5, padding=2, stride=2), nn.Sigmoid()]
-    body += [nn.Conv1d(12, 12, 5, padding=2, stride=2), nn.Sigmoid()]
-    body += [nn.Conv1d(12, 12, 5, padding=2), nn.Sigmoid(), nn.Flatten()]
+    body = [nn.Conv1d(1, 12, 5, padding=2, stride=2), act()]
+    body += [nn.Conv1d(12, 12, 5, padding=2, stride=2), act()]
+    body += [nn.Conv1d(12, 12, 5, padding=2), act(), nn.Flatten()]
     model = nn.Sequential(*body, nn.Linear(12 * 64, 10)).double()
     with torch.no_grad():
         for p in model.parameters():
