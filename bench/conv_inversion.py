@@ -101,7 +101,7 @@ class Config:
     p: int
     hs: list[int]
     kernel_equations: bool = False
-    # Per h: full-rank fraction of the 8 probes without and with kernel rows.
+    # Per h: full-rank fraction of the probes without and with kernel rows.
     probe_full: dict[int, tuple[float, float]] = field(default_factory=dict)
     # Probe inputs whose rank with kernel rows came out below the rank without.
     kernel_below: int = 0
@@ -264,17 +264,19 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
     head = (
         f"{'h':>3} {'runs':>4} {'exact':>5} {'cert':>4} {'median dB':>9} "
         f"{'kept/unk':>8} {'rank ok':>7} {'count ok':>8} {'relu ok':>7} "
-        f"{'own ok':>6} {'8 probes full (no kernel/kernel)':>32}"
+        f"{'own ok':>6} {f'{PROBES} probes full (no kernel/kernel)':>32}"
     )
+    earlier = f"{PROBES} others, earlier: all {PROBES}, no kernel"
+    verdict = f"{PROBES} others, verdict: >= half, matching"
     names = [
         "exact-rank verdict (bounds)",
         "per-sample count",
         "ReLU-adjusted count",
         "ReLU exact rank, own sample",
-        "8 others, earlier: all 8, no kernel",
-        "  all 8, matching reading",
+        earlier,
+        f"  all {PROBES}, matching reading",
         "  >= half, no kernel rows",
-        "8 others, verdict: >= half, matching",
+        verdict,
         "best per-(config, h) verdict",
         "attack certificate",
     ]
@@ -322,10 +324,12 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
                     "per-sample count": h >= count,
                     "ReLU-adjusted count": r["kept"] >= r["unknowns"],
                     "ReLU exact rank, own sample": bool(r["relu_own"]),
-                    "8 others, earlier: all 8, no kernel": bool(r["relu_probe_old"]),
-                    "  all 8, matching reading": bool(r["relu_probe_all_matching"]),
+                    earlier: bool(r["relu_probe_old"]),
+                    f"  all {PROBES}, matching reading": bool(
+                        r["relu_probe_all_matching"]
+                    ),
                     "  >= half, no kernel rows": bool(r["relu_probe_half_plain"]),
-                    "8 others, verdict: >= half, matching": bool(r["relu_probe"]),
+                    verdict: bool(r["relu_probe"]),
                     "best per-(config, h) verdict": majority,
                     "attack certificate": bool(r["certified"]),
                 }
@@ -362,7 +366,7 @@ def summarise(cfgs: list[Config]) -> dict[str, float]:
     print(
         f"probe inputs whose rank with kernel rows is below the rank without: {below}"
     )
-    print("misses of the predictive verdict (8 other samples as probe):")
+    print(f"misses of the predictive verdict ({PROBES} other samples as probe):")
     for line in misses:
         print(f"   {line}")
     return rates
@@ -401,7 +405,7 @@ def plot(cfgs: list[Config]) -> Path:
         if relu_h is not None:
             ax.axvline(
                 relu_h, color="tab:red", ls="--", lw=0.8,
-                label="exact rank behind ReLU (8 other samples)",
+                label=f"exact rank behind ReLU ({PROBES} other samples)",
             )  # fmt: skip
         ax.axhline(EXACT_DB, color="0.7", lw=0.6)
         ax.set_title(cfg.label, fontsize=8)
@@ -508,13 +512,17 @@ def timing(reference: bool) -> None:
 
 
 def main() -> None:
+    global PROBES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweep")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the dense SVD reference timing")  # fmt: skip
+    parser.add_argument("--probes", type=int, default=PROBES,
+                        help="other samples per predictive verdict (8)")  # fmt: skip
     parser.add_argument("--timing-only", action="store_true",
                         help="only the timing lines (no sweep)")  # fmt: skip
     args = parser.parse_args()
+    PROBES = args.probes
     if args.timing_only:
         timing(not args.no_reference)
         return
