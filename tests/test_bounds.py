@@ -889,3 +889,31 @@ def test_analyze_leaves_the_model_unchanged() -> None:
 
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("singular", "expected"),
+    [
+        ([3.0, 1.0, 1e-3, 2e-5 * 3.0, 0.5e-5 * 3.0], 4),
+        ([2.0, 2.0, 2.0], 3),
+        ([1.0, 0.0, 0.0, 0.0], 1),
+        ([0.0, 0.0, 0.0], 0),
+    ],
+)
+def test_gram_rank_counts_singular_values_above_the_tolerance(singular, expected):
+    # Arrange: M = U diag(s) V^T, 6 x k, with singular values either side of
+    # RANK_RTOL * s_max
+    from fl_audit.bounds import gram_rank
+
+    rng = np.random.default_rng(0)
+    k = len(singular)
+    u, _ = np.linalg.qr(rng.standard_normal((6, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    M = u @ np.diag(singular) @ v.T
+
+    # Act
+    rank, top = gram_rank(M.T @ M)
+
+    # Assert
+    assert rank == expected
+    assert top == pytest.approx(max(singular) ** 2, rel=1e-6, abs=1e-12)

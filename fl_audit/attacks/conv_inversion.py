@@ -74,7 +74,7 @@ from fl_audit.attacks._chain import (
 from fl_audit.attacks.analytic_fc import AnalyticFCInversion, _anchor_pixels
 from fl_audit.attacks.base import Applicability, Attack
 from fl_audit.attacks.registry import register_attack
-from fl_audit.bounds import RANK_RTOL
+from fl_audit.bounds import RANK_RTOL, gram_rank
 from fl_audit.core import AttackResult, AttackTarget
 from fl_audit.errors import FLAuditError, InvalidInputError, UnsupportedModelError
 from fl_audit.layers import find_first_layer
@@ -1050,14 +1050,8 @@ def _iterations_left(
 def _dense(
     M: scipy.sparse.csr_matrix | np.ndarray, rhs: np.ndarray
 ) -> tuple[np.ndarray, int, float]:
-    """Normal equations: rank by factorisation, solution by Cholesky.
-
-    ``N - tau I`` with ``tau = RANK_RTOL**2 * lambda_max`` has a Cholesky
-    factor exactly when every singular value of ``M`` is above ``RANK_RTOL``
-    times the largest; otherwise the inertia of its LDL^T factorisation counts
-    the singular values below (Sylvester's law). Both cost a fraction of a
-    symmetric eigendecomposition.
-    """
+    """Normal equations: rank by factorisation (:func:`gram_rank`), solution by
+    Cholesky with iterative refinement, condition by inverse iteration."""
     if isinstance(M, np.ndarray):
         N = M.T @ M
     else:
@@ -1065,23 +1059,8 @@ def _dense(
         N = (M.T @ M).toarray()  # (k, k)
     k = N.shape[0]
     r = M.T @ rhs
-    top = float(
-        scipy.sparse.linalg.eigsh(N, k=1, which="LA", return_eigenvectors=False)[0]
-        if k > 2
-        else np.linalg.eigvalsh(N)[-1]
-    )
+    rank, top = gram_rank(N)
     top = max(top, 1e-300)
-    tau = top * RANK_RTOL**2
-    shifted = N - tau * np.eye(k)
-    try:
-        scipy.linalg.cho_factor(shifted, lower=True, overwrite_a=True)
-        rank = k
-    except np.linalg.LinAlgError:
-        _, d, _ = scipy.linalg.ldl(N - tau * np.eye(k), lower=True)
-        eig = scipy.linalg.eigvalsh_tridiagonal(
-            np.diag(d).copy(), np.diag(d, -1).copy()
-        )
-        rank = int((eig > 0).sum())
 
     # A tiny ridge keeps the factorisation defined; refinement removes its bias.
     factor = scipy.linalg.cho_factor(N + 1e-13 * top * np.eye(k), lower=True)
