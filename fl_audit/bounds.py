@@ -955,7 +955,7 @@ def _exact_rank_verdict(
     return verdict(reading(found), outcome(found), note, more)
 
 
-def gram_rank(N: np.ndarray) -> tuple[int, float]:
+def gram_rank(N: np.ndarray | scipy.sparse.sparray) -> tuple[int, float]:
     """Numerical rank of ``M`` from its Gram matrix ``N`` (``M^T M`` or ``M M^T``).
 
     Counts the singular values of ``M`` above ``RANK_RTOL`` times the largest,
@@ -964,15 +964,18 @@ def gram_rank(N: np.ndarray) -> tuple[int, float]:
     the inertia of its LDL^T factorisation counts them (Sylvester's law). Either
     costs a fraction of a symmetric eigendecomposition, and their rounding
     (about ``k * eps * lambda_max`` for ``k x k``) lies far below ``tau``.
-    Returns the rank and ``lambda_max``.
+    A sparse ``N`` gives ``lambda_max`` at the cost of its entries and is then
+    factored dense. Returns the rank and ``lambda_max``.
     """
     k = N.shape[0]
-    if k == 0 or not N.any():
+    empty = not N.any() if isinstance(N, np.ndarray) else N.count_nonzero() == 0
+    if k == 0 or empty:
         return 0, 0.0
     top = _top_eigenvalue(N)
     if top <= 0.0:
         return 0, 0.0
-    shifted = N - top * RANK_RTOL**2 * np.eye(k)
+    dense = N if isinstance(N, np.ndarray) else N.toarray()
+    shifted = dense - top * RANK_RTOL**2 * np.eye(k)
     try:
         scipy.linalg.cho_factor(shifted, lower=True, overwrite_a=False)
         return k, top
@@ -984,7 +987,7 @@ def gram_rank(N: np.ndarray) -> tuple[int, float]:
         return int((eig > 0).sum()), top
 
 
-def _top_eigenvalue(N: np.ndarray) -> float:
+def _top_eigenvalue(N: np.ndarray | scipy.sparse.sparray) -> float:
     """Largest eigenvalue of a symmetric ``N``: Lanczos, or dense where it fails."""
     k = N.shape[0]
     if k > 2:
@@ -996,23 +999,22 @@ def _top_eigenvalue(N: np.ndarray) -> float:
             )
         except scipy.sparse.linalg.ArpackError:  # no convergence
             pass
+    dense = N if isinstance(N, np.ndarray) else N.toarray()
     return float(
-        scipy.linalg.eigh(N, eigvals_only=True, subset_by_index=[k - 1] * 2)[0]
+        scipy.linalg.eigh(dense, eigvals_only=True, subset_by_index=[k - 1] * 2)[0]
     )
 
 
-def _matrix_rank(A: scipy.sparse.sparray | scipy.sparse.spmatrix) -> int:
+def _matrix_rank(A: scipy.sparse.sparray) -> int:
     """Numerical rank of a sparse ``A`` (:func:`gram_rank` of its smaller side)."""
     r, n = A.shape
     if min(r, n) == 0:
         return 0
     if n <= r:
         csc = A.tocsc()  # its transpose is CSR: the product measured 2x faster
-        N = csc.T @ csc
-    else:
-        csr = A.tocsr()
-        N = csr @ csr.T
-    return gram_rank(np.asarray(N.toarray()))[0]
+        return gram_rank(csc.T @ csc)[0]
+    csr = A.tocsr()
+    return gram_rank(csr @ csr.T)[0]
 
 
 # --------------------------------------------------------------------------
@@ -1105,7 +1107,7 @@ def _conv_exact_rank_relu(
     """
     # Imported here: fl_audit.attacks imports this module.
     from fl_audit.attacks._chain import ChainStop, segment_operator, trace_first_segment
-    from fl_audit.attacks.conv_inversion import _kernel_rows, _solve, _Tol
+    from fl_audit.attacks.conv_inversion import _kernel_rows, _rows
 
     n = int(plain.quantities["unknowns"])  # type: ignore[arg-type]
     base = {
@@ -1184,7 +1186,6 @@ def _conv_exact_rank_relu(
 
     def measure() -> list[_ProbeRank]:
         op = segment_operator(seg)
-        tol = _Tol(float(torch.finfo(dtype).eps))
         out = []
         for i, row in enumerate(pre):
             post = act.module(row)
@@ -1197,7 +1198,8 @@ def _conv_exact_rank_relu(
             rank = _matrix_rank(kept)
             rank_kernel = None
             if plan.errors is not None:
-                # The system ConvInversion solves for this input, kernel rows added.
+                # The rows ConvInversion solves for this input, kernel rows added
+                # (its own row scaling; the right-hand side plays no part).
                 conv = seg.steps[0]
                 E = _kernel_rows(
                     cast(nn.Conv1d | nn.Conv2d, conv.module),
@@ -1205,11 +1207,10 @@ def _conv_exact_rank_relu(
                     plan.errors[i],
                 )
                 assert E is not None  # the plan checked the size
-                x = probe[i].reshape(-1).numpy()
-                _, _, solve = _solve(
-                    op, row.numpy(), keep.numpy(), (E, E @ x), tol, n, i, seg.label
+                system, _, _, _ = _rows(
+                    op, row.numpy(), keep.numpy(), (E, np.zeros(E.shape[0]))
                 )
-                rank_kernel = solve.rank
+                rank_kernel = _matrix_rank(system)
             out.append(_ProbeRank(rank, int(rows.size), _uncovered(kept), rank_kernel))
         return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -900,7 +901,10 @@ def test_analyze_leaves_the_model_unchanged() -> None:
         ([0.0, 0.0, 0.0], 0),
     ],
 )
-def test_gram_rank_counts_singular_values_above_the_tolerance(singular, expected):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gram_rank_counts_singular_values_above_the_tolerance(
+    singular, expected, sparse
+):
     # Arrange: M = U diag(s) V^T, 6 x k, with singular values either side of
     # RANK_RTOL * s_max
     from fl_audit.bounds import gram_rank
@@ -911,8 +915,12 @@ def test_gram_rank_counts_singular_values_above_the_tolerance(singular, expected
     v, _ = np.linalg.qr(rng.standard_normal((k, k)))
     M = u @ np.diag(singular) @ v.T
 
+    gram = M.T @ M
+    if sparse:
+        gram = scipy.sparse.csr_array(gram)
+
     # Act
-    rank, top = gram_rank(M.T @ M)
+    rank, top = gram_rank(gram)
 
     # Assert
     assert rank == expected

@@ -1054,12 +1054,14 @@ def _dense(
     Cholesky with iterative refinement, condition by inverse iteration."""
     if isinstance(M, np.ndarray):
         N = M.T @ M
+        rank, top = gram_rank(N)
     else:
         M = M.tocsc()  # its transpose is CSR: the product measured 2x faster
-        N = (M.T @ M).toarray()  # (k, k)
+        gram = M.T @ M
+        rank, top = gram_rank(gram)
+        N = gram.toarray()  # (k, k)
     k = N.shape[0]
     r = M.T @ rhs
-    rank, top = gram_rank(N)
     top = max(top, 1e-300)
 
     # A tiny ridge keeps the factorisation defined; refinement removes its bias.
