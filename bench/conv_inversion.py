@@ -108,8 +108,10 @@ class Config:
     runs: list[dict[str, float | int | bool | None]] = field(default_factory=list)
 
 
-def configs(quick: bool) -> list[Config]:
+def configs(quick: bool, runs: int | None = None) -> list[Config]:
     n1, n3 = (2, 2) if quick else (4, 3)
+    if runs is not None:
+        n1 = n3 = runs
     return [
         Config(
             "C=1 28x28 k5 s1", "fashion_mnist", None, n1, 5, 1, 0, [1, 2, 3, 4, 6, 8]
@@ -519,6 +521,9 @@ def main() -> None:
                         help="skip the dense SVD reference timing")  # fmt: skip
     parser.add_argument("--probes", type=int, default=PROBES,
                         help="other samples per predictive verdict (8)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=None,
+                        help="inputs per h for every configuration "
+                        "(default 4; 3 for photos)")  # fmt: skip
     parser.add_argument("--timing-only", action="store_true",
                         help="only the timing lines (no sweep)")  # fmt: skip
     args = parser.parse_args()
@@ -527,7 +532,7 @@ def main() -> None:
         timing(not args.no_reference)
         return
     start = time.perf_counter()
-    cfgs = configs(args.quick)
+    cfgs = configs(args.quick, args.runs)
     for cfg in cfgs:
         t0 = time.perf_counter()
         sweep(cfg)
