@@ -173,6 +173,7 @@ def target_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarg
 
 
 PROBES = 8
+RUN_SEED = 21
 
 
 def other_samples(cfg: Config, xs: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ def fractions(verdict: Verdict) -> tuple[float, float]:
 
 
 def sweep(cfg: Config) -> None:
-    samples = load_samples(cfg.kind, cfg.count, size=cfg.size, seed=21)
+    samples = load_samples(cfg.kind, cfg.count, size=cfg.size, seed=RUN_SEED)
     xs = samples.inputs.double()
     labels = torch.arange(cfg.count) % 10
     others = other_samples(cfg, xs)
@@ -514,7 +515,7 @@ def timing(reference: bool) -> None:
 
 
 def main() -> None:
-    global PROBES
+    global PROBES, RUN_SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweep")
     parser.add_argument("--no-reference", action="store_true",
@@ -524,10 +525,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None,
                         help="inputs per h for every configuration "
                         "(default 4; 3 for photos)")  # fmt: skip
+    parser.add_argument("--run-seed", type=int, default=RUN_SEED,
+                        help="seed of the runs' inputs (21)")  # fmt: skip
     parser.add_argument("--timing-only", action="store_true",
                         help="only the timing lines (no sweep)")  # fmt: skip
     args = parser.parse_args()
-    PROBES = args.probes
+    PROBES, RUN_SEED = args.probes, args.run_seed
     if args.timing_only:
         timing(not args.no_reference)
         return
