@@ -132,9 +132,6 @@ than this; they are reported rank-deficient.
 _MAX_OPERATOR_ENTRIES = 2**28
 """Largest ``h d'^2 * C d^2`` for which the exact rank is computed."""
 
-_CHUNK_ENTRIES = 2**22
-"""Entries per chunk of basis vectors pushed through the layer (32 MiB)."""
-
 
 class Verdict(BaseModel):
     """One bound checked on the model's first layer.
