@@ -963,7 +963,21 @@ def gram_rank(N: np.ndarray | scipy.sparse.sparray) -> tuple[int, float]:
     (about ``k * eps * lambda_max`` for ``k x k``) lies far below ``tau``.
     A sparse ``N`` gives ``lambda_max`` at the cost of its entries and is then
     factored dense. Returns the rank and ``lambda_max``.
+
+    Raises :class:`InvalidInputError` when ``N`` is not a square matrix of
+    finite numbers.
     """
+    values = N if isinstance(N, np.ndarray) else N.data
+    if N.ndim != 2 or N.shape[0] != N.shape[1]:
+        raise InvalidInputError(
+            "gram_rank argument",
+            [f"N has shape {N.shape}; pass a square Gram matrix M^T M or M M^T"],
+        )
+    if not np.isfinite(values).all():
+        raise InvalidInputError(
+            "gram_rank argument",
+            ["N holds NaN or Inf; build it from a matrix of finite numbers"],
+        )
     k = N.shape[0]
     empty = not N.any() if isinstance(N, np.ndarray) else N.count_nonzero() == 0
     if k == 0 or empty:

@@ -925,3 +925,19 @@ def test_gram_rank_counts_singular_values_above_the_tolerance(
     # Assert
     assert rank == expected
     assert top == pytest.approx(max(singular) ** 2, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("gram", "fragment"),
+    [
+        (np.ones((3, 2)), "square"),
+        (np.ones(4), "square"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), "NaN or Inf"),
+        (scipy.sparse.csr_array(np.array([[np.inf, 0.0], [0.0, 1.0]])), "NaN or Inf"),
+    ],
+)
+def test_gram_rank_names_a_bad_matrix(gram, fragment):
+    from fl_audit.bounds import gram_rank
+
+    with pytest.raises(InvalidInputError, match=fragment):
+        gram_rank(gram)
