@@ -915,14 +915,7 @@ def _joint(
     scale = max(float(np.linalg.norm(rhs)), 1e-300)
     # The start only seeds Gauss-Newton: loose solves suffice.
     least = scipy.sparse.linalg.lsmr(M, rhs, atol=1e-6, btol=1e-6, maxiter=200)[0]
-    if act.kind == "sigmoid":
-        clipped = np.clip(least, 1e-6, 1.0 - 1e-6)
-        z0 = np.log(clipped) - np.log1p(-clipped)
-    elif act.kind == "tanh":
-        z0 = np.arctanh(np.clip(least, -1.0 + 1e-6, 1.0 - 1e-6))
-    else:
-        slope = float(act.module.negative_slope)  # type: ignore[arg-type]
-        z0 = np.where(least >= 0, least, least / slope)
+    z0 = _preimage(act, least, 1e-6)
     v = scipy.sparse.linalg.lsmr(A, z0 - b, atol=1e-6, btol=1e-6, maxiter=200)[0]
 
     def residual_at(point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1087,24 +1080,35 @@ def _invert(
     """Undo an element-wise activation where it can be undone."""
     peak = max(float(np.abs(post[known]).max()) if known.any() else 0.0, 1e-300)
     thr = tol.support * peak
-    pre = post.copy()
+    pre = post  # the ReLUs pass what they keep unchanged
     if act.kind == "relu":
         ok = known & (post > thr)
     elif act.kind == "relu6":
         ok = known & (post > thr) & (post < 6.0 - thr)
-    elif act.kind == "leaky_relu":
-        slope = float(act.module.negative_slope)  # type: ignore[arg-type]
-        pre = np.where(post >= 0, post, post / slope)
-        ok = known
-    elif act.kind == "sigmoid":
-        ok = known & (post > tol.support) & (post < 1.0 - tol.support)
-        clipped = np.clip(post, 1e-300, 1.0 - 1e-16)
-        pre = np.log(clipped) - np.log1p(-clipped)
-    else:  # tanh
-        ok = known & (np.abs(post) < 1.0 - tol.support)
-        pre = np.arctanh(np.clip(post, -1.0 + 1e-16, 1.0 - 1e-16))
-    pre = np.where(ok, pre, 0.0)
-    return pre, ok
+    else:
+        pre = _preimage(act, post, 1e-16)
+        if act.kind == "leaky_relu":
+            ok = known
+        elif act.kind == "sigmoid":
+            ok = known & (post > tol.support) & (post < 1.0 - tol.support)
+        else:  # tanh
+            ok = known & (np.abs(post) < 1.0 - tol.support)
+    return np.where(ok, pre, 0.0), ok
+
+
+def _preimage(act: Step, a: np.ndarray, margin: float) -> np.ndarray:
+    """A smooth activation's input for its output ``a``.
+
+    ``a`` is first clipped to ``margin`` inside the activation's range, so
+    values at or past its bounds map to large finite inputs.
+    """
+    if act.kind == "sigmoid":
+        clipped = np.clip(a, margin, 1.0 - margin)
+        return np.log(clipped) - np.log1p(-clipped)
+    if act.kind == "tanh":
+        return np.arctanh(np.clip(a, -1.0 + margin, 1.0 - margin))
+    slope = float(act.module.negative_slope)  # type: ignore[arg-type]
+    return np.where(a >= 0, a, a / slope)
 
 
 def _derivative(act: Step, post: np.ndarray, tol: _Tol) -> np.ndarray:

@@ -622,16 +622,17 @@ class PriorGuidedReconstruction(Attack):
         samples = result.inputs.shape[0]
         worst = max((s.residual for s in result.solves), default=math.inf)
         problem = None
-        stopped = [n for n in result.notes if n.endswith("stops there")]
-        if samples != batch:
-            problem = f"it separated {samples} of {batch} input(s)"
-        elif stopped and "time budget" in stopped[0]:
-            problem = stopped[0]
-        elif any(
+        short = any(
             s.uncovered > 0 or s.kept + s.weight_equations < s.unknowns
             for s in result.solves
-        ):
+        )
+        skipped = [s.layer for s in result.solves if s.solver == "skipped"]
+        if samples != batch:
+            problem = f"it separated {samples} of {batch} input(s)"
+        elif short:
             problem = "a layer of its walk down has fewer equations than unknowns"
+        elif skipped:  # not for lack of equations: for lack of time
+            problem = f"the time budget ran out before {skipped[0]}"
         elif not worst <= _CONV_START_RESIDUAL:
             problem = f"its walk down is inconsistent (relative residual {worst:.2g})"
         if problem is not None:
